@@ -1,0 +1,118 @@
+"""Command-line configuration built from a recipe's ``@dataclass``.
+
+Every recipe keeps its settings in one dataclass whose fields carry a trailing comment. That comment is
+the field's ``--help`` text, so the documentation a researcher reads in the script and on the command
+line is the same sentence.
+
+Precedence, lowest first: the dataclass defaults, a profile of overrides chosen by the recipe (e.g. a
+CPU-sized recipe for the synthetic data), a saved ``config.json`` (``--config``) or the config stored in a
+checkpoint (``--resume``), and last the flags given explicitly on the command line.
+"""
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import typing
+from pathlib import Path
+
+_FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
+
+
+def field_comments(config_class: type) -> dict[str, str]:
+    """The trailing comment of each field in the source of ``config_class``."""
+    comments = {}
+    for line in inspect.getsource(config_class).splitlines():
+        match = _FIELD_COMMENT.match(line)
+        if match:
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
+def _parse_optional_floats(text: str) -> tuple[float, ...] | None:
+    return None if text.lower() in ("none", "auto") else tuple(float(v) for v in text.split(","))
+
+
+def _parse_ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def _parse_optional_str(text: str) -> str | None:
+    return None if text.lower() == "none" else text
+
+
+def _parse_optional_int(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# How a field's annotation turns into an argparse ``type`` and a value hint for --help.
+_PARSERS = {
+    int: (int, "INT"),
+    float: (float, "FLOAT"),
+    str: (str, "TEXT"),
+    int | None: (_parse_optional_int, "INT|none"),
+    str | None: (_parse_optional_str, "TEXT|none"),
+    tuple[int, ...]: (_parse_ints, "N[,N,N]"),
+    tuple[float, ...] | None: (_parse_optional_floats, "Z,Y,X|auto"),
+}
+
+
+def build_parser(config_class: type, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per dataclass field; defaults are left out so that
+    ``parse_args`` returns only the flags that were given (they override saved configs)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS)
+    comments = field_comments(config_class)
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        help_text = f"{comments.get(field.name, '')} (default: {_format_default(field)})"
+        annotation = hints[field.name]
+        if annotation is bool:
+            # `--amp` switches on, `--amp false` switches off again (useful over a saved config).
+            parser.add_argument(flag, dest=field.name, nargs="?", const=True, type=_parse_bool,
+                                metavar="BOOL", help=help_text)
+        else:
+            parse, metavar = _PARSERS[annotation]
+            parser.add_argument(flag, dest=field.name, type=parse, metavar=metavar, help=help_text)
+    return parser
+
+
+def _format_default(field: dataclasses.Field) -> str:
+    value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def config_from_dict(config_class: type, values: dict):
+    """Build ``config_class`` from a plain dict, turning JSON lists back into tuples and naming
+    any key the class does not know (a config saved by another version of the script)."""
+    known = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown configuration keys {unknown}; known keys are {sorted(known)}")
+    values = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
+    return config_class(**values)
+
+
+def read_config_file(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"{path}: cannot read the configuration ({error}). "
+                         "Pass the config.json written into a run folder.") from None
+
+
+def save_config(config, path: Path) -> None:
+    Path(path).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")

@@ -1,0 +1,64 @@
+"""Device choice, precision, seeding and DataLoader worker set-up."""
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` takes CUDA, then Apple's MPS, then the CPU; any other name is used as given."""
+    if name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}: CUDA is not available here. Use --device cpu or auto.")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def amp_dtype_for(device: torch.device, name: str = "auto") -> torch.dtype:
+    """fp16 on CUDA and MPS (with GradScaler on CUDA), bf16 on the CPU, which has no fast fp16."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cpu" else torch.float16
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise SystemExit(f"--amp-dtype {name}: choose auto, bf16 or fp16")
+    return dtypes[name]
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and torch, and set the backend flags that decide speed vs repeatability.
+
+    On CUDA, cuDNN autotuning (``benchmark``) and TF32 matmuls are on for speed unless
+    ``deterministic``; some 3D backward passes have no deterministic CUDA kernel, so this is never
+    forced there by default. CPU kernels are deterministic at a fixed thread count.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if deterministic:
+        # warn_only: an op without a deterministic kernel warns instead of stopping a long run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def worker_init(worker_id: int) -> None:
+    """One thread per DataLoader worker: the workers are the parallelism, and NumPy/SciPy or torch
+    threads inside each would oversubscribe the cores. Randomness is per sample (see PatchDataset),
+    so nothing is seeded here."""
+    torch.set_num_threads(1)
+
+
+def metric_key(label_name: str) -> str:
+    """``dice_<label>`` with the label in lower case and spaces as underscores."""
+    return "dice_" + label_name.strip().lower().replace(" ", "_")

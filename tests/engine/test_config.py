@@ -1,0 +1,44 @@
+import dataclasses
+from dataclasses import dataclass
+
+import pytest
+
+from engine.config import build_parser, config_from_dict, field_comments
+
+
+@dataclass
+class ToyConfig:
+    lr: float = 0.01  # initial learning rate
+    patch: tuple[int, ...] = (64, 64, 64)  # patch size z,y,x
+    spacing: tuple[float, ...] | None = None  # target spacing; auto = median
+    data_dir: str | None = None  # task folder
+    amp: bool = False  # mixed precision
+    fold: int | None = None  # validation fold
+
+
+def test_comments_become_help_text():
+    assert field_comments(ToyConfig) == {
+        "lr": "initial learning rate", "patch": "patch size z,y,x",
+        "spacing": "target spacing; auto = median", "data_dir": "task folder",
+        "amp": "mixed precision", "fold": "validation fold"}
+    help_text = build_parser(ToyConfig, "toy").format_help()
+    assert "initial learning rate (default: 0.01)" in help_text
+    assert "patch size z,y,x (default: 64,64,64)" in help_text
+
+
+def test_only_explicit_flags_are_returned_and_parsed_by_type():
+    parser = build_parser(ToyConfig, "toy")
+    assert vars(parser.parse_args([])) == {}
+    flags = vars(parser.parse_args(["--lr", "3e-4", "--patch", "32,48,64", "--spacing", "2.5,0.8,0.8",
+                                    "--amp", "--fold", "none", "--data-dir", "/data/Task03_Liver"]))
+    assert flags == {"lr": 3e-4, "patch": (32, 48, 64), "spacing": (2.5, 0.8, 0.8), "amp": True,
+                     "fold": None, "data_dir": "/data/Task03_Liver"}
+    assert vars(parser.parse_args(["--amp", "false"])) == {"amp": False}
+
+
+def test_config_from_dict_restores_tuples_and_rejects_unknown_keys():
+    saved = dataclasses.asdict(ToyConfig(patch=(16, 32, 48)))
+    saved["patch"] = list(saved["patch"])  # as JSON gives it back
+    assert config_from_dict(ToyConfig, saved).patch == (16, 32, 48)
+    with pytest.raises(ValueError, match="unknown configuration keys \\['learning_rate'\\]"):
+        config_from_dict(ToyConfig, {"learning_rate": 1.0})

@@ -1,0 +1,3 @@
+from models.unet import UNet
+
+__all__ = ["UNet"]

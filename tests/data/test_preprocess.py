@@ -1,0 +1,260 @@
+import io
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import data.preprocess as preprocess
+from data.intensity import normalize_zscore
+from data.msd import read_msd_dataset
+from data.nifti import read_nifti
+from data.preprocess import (
+    PreprocessPlan,
+    body_bounding_box,
+    load_preprocessed_case,
+    plan_preprocessing,
+    preprocess_dataset,
+    preprocess_image,
+    save_prediction,
+)
+from data.resample import resample_image, resample_label, resampled_shape, separate_axis
+
+SHAPE = (23, 19, 17)  # file axes (i, j, k)
+FLIPPED_OBLIQUE = np.array(
+    [[-0.8, 0.05, 0.0, 40.0], [0.0, 0.0, 2.5, -12.0], [0.0, -0.8, 0.1, 30.0], [0.0, 0.0, 0.0, 1.0]]
+)
+
+
+def _phantom(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """CT-like (i, j, k) image in HU: air, an ellipsoid body, a liver blob with a tumour inside."""
+    rng = np.random.default_rng(seed)
+    i, j, k = np.meshgrid(*[np.linspace(-1, 1, size) for size in SHAPE], indexing="ij")
+    image = np.full(SHAPE, -1000.0, np.float32)
+    body = (i / 0.8) ** 2 + (j / 0.8) ** 2 + (k / 0.9) ** 2 < 1
+    image[body] = 40 + rng.normal(0, 10, body.sum())
+    label = np.zeros(SHAPE, np.uint8)
+    label[((i - 0.1) / 0.45) ** 2 + (j / 0.4) ** 2 + (k / 0.5) ** 2 < 1] = 1
+    label[((i - 0.1) / 0.15) ** 2 + (j / 0.15) ** 2 + (k / 0.2) ** 2 < 1] = 2
+    image[label == 1] = 100 + rng.normal(0, 20, (label == 1).sum())
+    image[label == 2] = 60 + rng.normal(0, 5, (label == 2).sum())
+    return image, label
+
+
+def _write_dataset(root, case_ids=("liver_1", "liver_2"), affine=FLIPPED_OBLIQUE):
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for seed, case_id in enumerate(case_ids):
+        image, label = _phantom(seed)
+        nib.save(nib.Nifti1Image(image, affine), root / "imagesTr" / f"{case_id}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"{case_id}.nii.gz")
+    metadata = {
+        "name": "Task03_Liver",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "liver", "2": "cancer", "3": "vessel"},
+        "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in case_ids],
+        "test": [],
+    }
+    (root / "dataset.json").write_text(json.dumps(metadata))
+    return read_msd_dataset(root)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.parametrize(
+    "spacing, target",
+    [((1.0, 1.0, 1.0), (1.3, 0.7, 0.9)), ((5.0, 0.8, 0.8), (1.5, 1.1, 1.1)), ((0.9, 0.9, 0.9), (3.7, 0.6, 0.6))],
+)
+def test_resampling_keeps_physical_extent_and_classes(spacing, target):
+    shape = (17, 19, 23)
+    new_shape = resampled_shape(shape, spacing, target)
+    extent, new_extent = np.multiply(shape, spacing), np.multiply(new_shape, target)
+    assert np.all(np.abs(new_extent - extent) <= np.array(target) / 2 + 1e-9)
+
+    label = np.zeros(shape, np.uint8)
+    label[4:13, 3:15, 5:18] = 2
+    label[7:10, 8:11, 9:13] = 5  # classes 0, 2, 5: a class 1, 3 or 4 would mean interpolated indices
+    resampled = resample_label(label, new_shape, separate_axis(spacing, target))
+    assert resampled.shape == new_shape
+    assert set(np.unique(resampled)) <= {0, 2, 5} and 2 in resampled  # a thin class may vanish when downsampled
+    # The box keeps its physical size within a voxel of the new grid on every axis.
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        old_mm = np.any(label > 0, axis=other).sum() * spacing[axis]
+        new_mm = np.any(resampled > 0, axis=other).sum() * target[axis]
+        assert abs(new_mm - old_mm) <= target[axis] + 1e-9
+
+
+def test_resampling_image_reproduces_a_linear_ramp():
+    shape, spacing, target = (17, 19, 23), (1.0, 1.0, 1.0), (0.5, 1.25, 1.0)
+    z = np.arange(shape[0], dtype=np.float32)[:, None, None] * spacing[0]
+    image = np.broadcast_to(z, shape)[None]
+    new_shape = resampled_shape(shape, spacing, target)
+    resampled = resample_image(image, new_shape, None)
+    # Voxel centres of the new grid in mm (edge-aligned grids), away from where the border padding bends the spline.
+    new_z = (np.arange(new_shape[0]) + 0.5) * target[0] - 0.5 * spacing[0]
+    np.testing.assert_allclose(resampled[0, 8:-8, 5, 5], new_z[8:-8], atol=2e-3)
+
+
+def test_anisotropic_volume_uses_nearest_neighbour_across_slices():
+    spacing, target = (4.0, 1.0, 1.0), (2.0, 1.0, 1.0)
+    assert separate_axis(spacing, target) == 0
+    image = np.random.default_rng(0).normal(size=(1, 7, 19, 23)).astype(np.float32)
+    resampled = resample_image(image, (14, 19, 23), separate_axis(spacing, target))
+    # In-plane size unchanged, so every new slice must be an exact copy of one source slice.
+    np.testing.assert_allclose(resampled[0, 0::2], image[0], atol=1e-5)
+    np.testing.assert_allclose(resampled[0, 1::2], image[0], atol=1e-5)
+
+
+def test_ct_statistics_come_from_training_foreground(tmp_path):
+    dataset = _write_dataset(tmp_path / "Task03_Liver", case_ids=("liver_1", "liver_2", "liver_3"))
+    plan = plan_preprocessing(dataset, ["liver_1", "liver_3"], workers=1)
+
+    # Hand-computed reference over every labelled voxel (fewer than the per-case sample size).
+    values = np.concatenate([_phantom(seed)[0][_phantom(seed)[1] > 0] for seed in (0, 2)]).astype(np.float64)
+    statistics = plan.channel_statistics[0]
+    assert plan.channel_schemes == ["ct"]
+    np.testing.assert_allclose(statistics["lower"], np.percentile(values, 0.5), rtol=1e-5)
+    np.testing.assert_allclose(statistics["upper"], np.percentile(values, 99.5), rtol=1e-5)
+    np.testing.assert_allclose(statistics["mean"], values.mean(), rtol=1e-5)
+    np.testing.assert_allclose(statistics["std"], values.std(), rtol=1e-5)
+    column_norms = np.linalg.norm(FLIPPED_OBLIQUE[:3, :3], axis=0)  # the same for all cases: their median
+    np.testing.assert_allclose(sorted(plan.target_spacing), sorted(column_norms), rtol=1e-5)
+
+    # With the source spacing as target nothing is resampled, so each voxel is exactly normalised.
+    volume = read_nifti(dataset.cases[1].image_path)
+    image, properties = preprocess_image(volume, plan)
+    assert image.shape[1:] == tuple(properties["shape_after_crop"])
+    crop = tuple(slice(start, stop) for start, stop in properties["crop_box"])
+    clipped = np.clip(volume.array[0][crop], statistics["lower"], statistics["upper"])
+    np.testing.assert_allclose(image[0], (clipped - statistics["mean"]) / statistics["std"], atol=1e-4)
+    assert properties["channel_min"] == [pytest.approx(float(image[0].min()))]
+
+
+def test_plan_round_trips_through_json_and_weights_only_checkpoint(tmp_path):
+    plan = plan_preprocessing(_write_dataset(tmp_path / "task"), ["liver_1"], target_spacing=(2.0, 1.0, 1.0), workers=1)
+    assert PreprocessPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    buffer = io.BytesIO()
+    torch.save({"plan": plan.to_dict()}, buffer)
+    buffer.seek(0)
+    assert PreprocessPlan.from_dict(torch.load(buffer, weights_only=True)["plan"]) == plan
+    other = PreprocessPlan.from_dict({**plan.to_dict(), "crop_margin": plan.crop_margin + 1})
+    assert other.hash() != plan.hash()
+
+
+def test_ct_crop_keeps_largest_component_and_mri_crop_keeps_nonzero():
+    plan = PreprocessPlan("t", {0: "background"}, (1.0, 1.0, 1.0), ["ct"], [None], crop_margin=1)
+    image = np.full((1, 17, 19, 23), -1000.0, np.float32)
+    image[0, 4:12, 5:15, 6:20] = 30  # body
+    image[0, 14:16, 1:3, 1:3] = 200  # separate scanner table fragment
+    assert body_bounding_box(image, plan) == [(3, 13), (4, 16), (5, 21)]
+
+    mri_plan = PreprocessPlan("t", {0: "background"}, (1.0, 1.0, 1.0), ["zscore"], [None], crop_margin=2)
+    mri = np.zeros((2, 17, 19, 23), np.float32)
+    mri[1, 3:6, 0:4, 20:23] = 1.0
+    assert body_bounding_box(mri, mri_plan) == [(1, 8), (0, 6), (18, 23)]
+
+
+def test_zscore_uses_body_voxels_only():
+    channel = np.zeros((7, 9, 11), np.float32)
+    channel[2:5, 2:6, 3:8] = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+    mask = channel != 0
+    normalized = normalize_zscore(channel, mask)
+    values = channel[mask]
+    np.testing.assert_allclose(normalized[mask], (values - values.mean()) / values.std(), rtol=1e-5)
+    assert np.all(normalized[~mask] == 0)
+
+
+def test_cache_entry_layout_and_contents(tmp_path):
+    dataset = _write_dataset(tmp_path / "task")
+    plan = plan_preprocessing(dataset, ["liver_1", "liver_2"], target_spacing=(1.5, 1.0, 1.0), workers=1)
+    plan.max_foreground_locations = 50
+    entry = preprocess_dataset(dataset, plan, tmp_path / "cache", ["liver_1", "liver_2"], workers=1)
+
+    assert entry.name == f"Task03_Liver-{plan.hash()}"
+    assert json.loads((entry / "manifest.json").read_text())["cases"] == ["liver_1", "liver_2"]
+    assert PreprocessPlan.from_dict(json.loads((entry / "plan.json").read_text())) == plan
+    assert not list(entry.glob("*.tmp-*"))
+    case = load_preprocessed_case(entry, "liver_1")
+    assert isinstance(case.image, np.memmap) and case.image.dtype == np.float32
+    assert case.label.dtype == np.uint8 and case.image.shape[1:] == case.label.shape
+    assert case.properties["shape"] == list(case.label.shape)
+    assert sorted(case.foreground) == [1, 2, 3]
+    assert case.foreground[3].shape == (0, 3)  # declared, absent from this case
+    for value in (1, 2):
+        locations = case.foreground[value]
+        assert locations.dtype == np.int32 and 0 < len(locations) <= 50
+        assert np.all(case.label[tuple(locations.T)] == value)
+    assert len(case.foreground[1]) == 50  # the liver has more than 50 voxels, so it was subsampled
+
+
+def test_complete_entry_is_reused_without_reading_nifti(tmp_path, monkeypatch):
+    dataset = _write_dataset(tmp_path / "task")
+    plan = plan_preprocessing(dataset, ["liver_1", "liver_2"], workers=1)
+    entry = preprocess_dataset(dataset, plan, tmp_path / "cache", ["liver_1", "liver_2"], workers=1)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a complete cache entry must not read NIfTI files")
+
+    monkeypatch.setattr(preprocess, "read_nifti", fail)
+    monkeypatch.setattr(preprocess, "check_case", fail)
+    assert preprocess_dataset(dataset, plan, tmp_path / "cache", ["liver_2"], workers=1) == entry
+
+
+def test_interrupted_entry_resumes_and_redoes_unfinished_cases(tmp_path, monkeypatch):
+    dataset = _write_dataset(tmp_path / "task")
+    plan = plan_preprocessing(dataset, ["liver_1", "liver_2"], workers=1)
+    entry = preprocess_dataset(dataset, plan, tmp_path / "cache", ["liver_1", "liver_2"], workers=1)
+    expected_image = np.load(entry / "liver_2_image.npy")
+
+    # Simulate a run killed while writing liver_2: no manifest, liver_2's arrays half written, no JSON.
+    (entry / "manifest.json").unlink()
+    (entry / "liver_2.json").unlink()
+    (entry / "liver_2_image.npy").write_bytes((entry / "liver_2_image.npy").read_bytes()[:100])
+    read_paths = []
+    original_read = preprocess.read_nifti
+    def recording_read(path, **kwargs):
+        read_paths.append(path.name)
+        return original_read(path, **kwargs)
+
+    monkeypatch.setattr(preprocess, "read_nifti", recording_read)
+
+    assert preprocess_dataset(dataset, plan, tmp_path / "cache", ["liver_1", "liver_2"], workers=1) == entry
+    assert sorted(read_paths) == ["liver_2.nii.gz", "liver_2.nii.gz"]  # image and label of liver_2 only
+    np.testing.assert_array_equal(load_preprocessed_case(entry, "liver_2").image, expected_image)
+    assert json.loads((entry / "manifest.json").read_text())["cases"] == ["liver_1", "liver_2"]
+
+
+@pytest.mark.parametrize(
+    "target_spacing, min_dice",
+    # Finer everywhere: nothing is lost, so the round trip must be exact. Coarser on two axes: a
+    # 300-voxel liver loses its boundary detail, yet must come back in place.
+    [((0.5, 0.5, 0.5), 1.0), ((1.1, 1.3, 0.6), 0.9)],
+)
+def test_prediction_is_written_back_in_source_geometry(tmp_path, target_spacing, min_dice):
+    dataset = _write_dataset(tmp_path / "task", case_ids=("liver_1",))
+    plan = plan_preprocessing(dataset, ["liver_1"], target_spacing=target_spacing, workers=1)
+    entry = preprocess_dataset(dataset, plan, tmp_path / "cache", ["liver_1"], workers=1)
+    case = load_preprocessed_case(entry, "liver_1")
+    assert case.properties["shape"] != case.properties["shape_after_crop"]  # resampling was exercised
+
+    save_prediction(np.asarray(case.label), case.properties, tmp_path / "prediction.nii.gz")
+
+    source = nib.load(dataset.cases[0].label_path)
+    written = nib.load(tmp_path / "prediction.nii.gz")
+    assert written.shape == source.shape
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-5)
+    original, restored = np.asarray(source.dataobj), np.asarray(written.dataobj)
+    assert _dice(restored > 0, original > 0) >= min_dice
+    if min_dice == 1.0:
+        np.testing.assert_array_equal(restored, original)
+
+
+def test_parallel_planning_matches_serial(tmp_path):
+    dataset = _write_dataset(tmp_path / "task")
+    serial = plan_preprocessing(dataset, ["liver_1", "liver_2"], workers=1)
+    parallel = plan_preprocessing(dataset, ["liver_1", "liver_2"], workers=2)
+    assert parallel == serial

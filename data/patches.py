@@ -1,0 +1,185 @@
+"""Random 3D training patches from the preprocessed cache.
+
+Each sample is keyed by `(epoch, index)` and drawn with `np.random.default_rng([seed, epoch, index])`,
+so it is the same whatever the number of workers, their order, or a resumed run, and differs between
+epochs. `EpochSampler` hands out those keys from the main process; `PatchDataset` opens the cached
+arrays as memory maps inside each worker on first use and reads only the region a patch needs.
+
+    sampler = EpochSampler(len(dataset))
+    loader = DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=8, persistent_workers=True)
+    for epoch in range(num_epochs):
+        sampler.set_epoch(epoch)
+        for batch in loader: ...  # batch["image"] (B, C, D, H, W) float32, batch["label"] (B, D, H, W) int64
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from data.augment3d import (
+    Augment3DConfig,
+    apply_spatial_transform,
+    augment_intensity,
+    sample_spatial_transform,
+)
+
+
+def sample_patch_center(
+    rng: np.random.Generator,
+    shape: tuple[int, int, int],
+    foreground: dict[int, np.ndarray],
+    fg_prob: float,
+    patch_size: tuple[int, int, int] | None = None,
+) -> np.ndarray:
+    """Draw a patch centre: a foreground voxel with probability `fg_prob`, otherwise a random one.
+
+    A foreground centre is a random voxel of a class drawn uniformly among the classes present in
+    the case, so rare classes are seen as often as large ones; the patch is centred on that voxel
+    even near the border (the part outside the volume is padded). A random centre is uniform over the
+    positions that keep the patch inside the volume along each axis where it fits (nnU-Net's rule,
+    which wastes no patch on padding) and centres the volume along axes where it does not. Without
+    `patch_size` a random centre is any voxel of the volume. A case with no foreground always gets a
+    random centre.
+
+    Args:
+        rng: the sample's generator.
+        shape: spatial shape `(Z, Y, X)` of the volume.
+        foreground: class -> `(N, 3)` voxel indices `(z, y, x)`; N may be 0.
+        fg_prob: chance of centring on foreground.
+        patch_size: `(D, H, W)`, to keep random patches inside the volume.
+
+    Returns:
+        `(3,)` int64 voxel index `(z, y, x)`.
+    """
+    present = [locations for _, locations in sorted(foreground.items()) if len(locations) > 0]
+    if present and rng.uniform() < fg_prob:
+        locations = present[rng.integers(len(present))]
+        return np.asarray(locations[rng.integers(len(locations))], dtype=np.int64)
+    if patch_size is None:
+        return np.array([rng.integers(size) for size in shape], dtype=np.int64)
+    center = []
+    for size, patch in zip(shape, patch_size):
+        if patch <= size:
+            # crop start (centre - patch // 2) uniform in [0, size - patch]
+            center.append(rng.integers(size - patch + 1) + patch // 2)
+        else:
+            center.append(patch // 2 - (patch - size) // 2)
+    return np.array(center, dtype=np.int64)
+
+
+@dataclass
+class _CachedCase:
+    """A cached case opened in this process."""
+
+    image: np.ndarray  # (C, Z, Y, X) float32 memmap
+    label: np.ndarray  # (Z, Y, X) uint8 memmap
+    foreground: dict[int, np.ndarray]  # class -> (N, 3) int32 voxel indices
+    channel_min: np.ndarray  # (C,) float32: background intensity used for padding
+
+
+def _open_cached_case(cache_dir: Path, case_id: str) -> _CachedCase:
+    """Memory-map one case of a cache entry; nothing but the small foreground lists is read."""
+    image = np.load(cache_dir / f"{case_id}_image.npy", mmap_mode="r", allow_pickle=False)
+    label = np.load(cache_dir / f"{case_id}_label.npy", mmap_mode="r", allow_pickle=False)
+    with np.load(cache_dir / f"{case_id}_foreground.npz", allow_pickle=False) as archive:
+        foreground = {int(name.removeprefix("class_")): archive[name] for name in archive.files}
+    properties = json.loads((cache_dir / f"{case_id}.json").read_text())
+    channel_min = np.asarray(properties["channel_min"], dtype=np.float32).reshape(image.shape[0])
+    return _CachedCase(image, label, foreground, channel_min)
+
+
+class PatchDataset(Dataset):
+    """Augmented random patches, indexed by `(epoch, index)` keys from `EpochSampler`.
+
+    Args:
+        cache_dir: the cache entry folder holding `<case_id>_image.npy` etc.
+        case_ids: cases to draw from, each with equal probability.
+        patch_size: `(D, H, W)`.
+        samples_per_epoch: number of keys per epoch (`len(dataset)`).
+        fg_prob: chance of centring a patch on foreground.
+        augment: augmentation config; `Augment3DConfig.none()` for plain crops.
+        seed: base seed of every sample's generator.
+
+    Items are `{"image": (C, D, H, W) float32, "label": (D, H, W) int64}` tensors.
+    """
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        case_ids: list[str],
+        patch_size: tuple[int, int, int],
+        samples_per_epoch: int,
+        fg_prob: float,
+        augment: Augment3DConfig,
+        seed: int,
+    ):
+        self.cache_dir = Path(cache_dir)
+        self.case_ids = list(case_ids)
+        self.patch_size = tuple(patch_size)
+        self.samples_per_epoch = samples_per_epoch
+        self.fg_prob = fg_prob
+        self.augment = augment
+        self.seed = seed
+        self._open_cases: dict[str, _CachedCase] = {}  # per process; filled on first use
+
+    def __getstate__(self) -> dict:
+        # Workers reopen the memmaps themselves: pickling one would copy the whole volume.
+        state = self.__dict__.copy()
+        state["_open_cases"] = {}
+        return state
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def _case(self, case_id: str) -> _CachedCase:
+        if case_id not in self._open_cases:
+            self._open_cases[case_id] = _open_cached_case(self.cache_dir, case_id)
+        return self._open_cases[case_id]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        if not isinstance(key, tuple):
+            raise TypeError(f"PatchDataset keys are (epoch, index) tuples from EpochSampler, got {key!r}")
+        epoch, index = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        case = self._case(self.case_ids[rng.integers(len(self.case_ids))])
+        center = sample_patch_center(rng, case.label.shape, case.foreground, self.fg_prob, self.patch_size)
+        params = sample_spatial_transform(rng, self.patch_size, self.augment)
+        image, label = apply_spatial_transform(
+            case.image,
+            case.label,
+            center,
+            self.patch_size,
+            params,
+            case.channel_min,
+            self.augment.image_order,
+        )
+        image = augment_intensity(image, rng, self.augment)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+            "label": torch.from_numpy(label.astype(np.int64)),
+        }
+
+
+class EpochSampler(Sampler):
+    """Yields `(epoch, i)` for i in range(num_samples); call `set_epoch` before each epoch.
+
+    It runs in the main process, so a new epoch reaches persistent workers through the keys alone.
+    """
+
+    def __init__(self, num_samples: int):
+        self.num_samples = num_samples
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        epoch = self.epoch
+        return iter([(epoch, index) for index in range(self.num_samples)])
+
+    def __len__(self) -> int:
+        return self.num_samples

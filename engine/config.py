@@ -78,6 +78,8 @@ def build_parser(config_class: type, description: str) -> argparse.ArgumentParse
         flag = "--" + field.name.replace("_", "-")
         help_text = f"{comments.get(field.name, '')} (default: {_format_default(field)})"
         annotation = hints[field.name]
+        if dataclasses.is_dataclass(annotation):
+            continue  # a group of settings (e.g. augmentation): edited in config.json, passed with --config
         if annotation is bool:
             # `--amp` switches on, `--amp false` switches off again (useful over a saved config).
             parser.add_argument(flag, dest=field.name, nargs="?", const=True, type=_parse_bool,
@@ -96,14 +98,21 @@ def _format_default(field: dataclasses.Field) -> str:
 
 
 def config_from_dict(config_class: type, values: dict):
-    """Build ``config_class`` from a plain dict, turning JSON lists back into tuples and naming
-    any key the class does not know (a config saved by another version of the script)."""
-    known = {field.name for field in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - known)
+    """Build ``config_class`` from a plain dict (as JSON gives it back): lists become tuples, dicts
+    of a nested dataclass field become that dataclass, and a key the class does not know (a config
+    saved by another version of the script) is named in the error."""
+    hints = typing.get_type_hints(config_class)
+    unknown = sorted(set(values) - set(hints))
     if unknown:
-        raise ValueError(f"unknown configuration keys {unknown}; known keys are {sorted(known)}")
-    values = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
-    return config_class(**values)
+        raise ValueError(f"unknown configuration keys {unknown}; known keys are {sorted(hints)}")
+    converted = {}
+    for key, value in values.items():
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            value = config_from_dict(hints[key], value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        converted[key] = value
+    return config_class(**converted)
 
 
 def read_config_file(path: Path) -> dict:

@@ -25,7 +25,7 @@ def predict_volume(model, image: np.ndarray, roi_size: tuple[int, ...], num_clas
             return model(windows)
 
     probabilities = sliding_window_inference(
-        torch.from_numpy(np.ascontiguousarray(image)), predict, roi_size, num_classes,
+        torch.tensor(np.asarray(image, dtype=np.float32)), predict, roi_size, num_classes,
         overlap=overlap, batch_size=batch_size, device=device,
         accumulate_device=_accumulation_device(image.shape[1:], num_classes, device),
         mirror_axes=mirror_axes)

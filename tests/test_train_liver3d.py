@@ -97,3 +97,17 @@ def test_another_task_with_two_channels_and_one_foreground_class(tmp_path):
         "--patch", "8,16,16", "--base-channels", "4", "--depth", "2", "--epochs", "1",
         "--steps-per-epoch", "2", "--workers", "0", "--val-fraction", "0.25"])
     assert set(metrics) == {"dice_gland", "dice_mean"}
+
+
+def test_every_flag_is_explained_in_help():
+    import dataclasses
+
+    from engine.config import field_comments
+
+    comments = field_comments(train_liver3d.Config)
+    assert all(comments.get(f.name) for f in dataclasses.fields(train_liver3d.Config))
+    help_text = train_liver3d.build_parser(train_liver3d.Config, "").format_help()
+    for flag in ["--data-dir", "--out", "--patch", "--batch-size", "--epochs", "--steps-per-epoch", "--lr",
+                 "--amp", "--compile", "--workers", "--device", "--seed", "--val-every", "--spacing",
+                 "--fg-prob", "--base-channels", "--cache-dir"]:
+        assert flag in help_text

@@ -30,6 +30,7 @@ from engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_st
 from engine.config import build_parser, config_from_dict, read_config_file, save_config
 from engine.evaluate import evaluate
 from engine.logging import RunLogger, foreground_slice_index, overlay_slice
+from engine.postprocess import keep_largest_foreground
 from engine.runtime import (amp_dtype_for, has_fast_cpu_bf16, metric_key, pick_device, seed_everything,
                             worker_init)
 from engine.schedules import cosine_schedule, poly_schedule
@@ -76,6 +77,7 @@ class Config:
     val_every: int = 50  # validate every N epochs; always after the last epoch
     overlap: float = 0.5  # sliding-window overlap between neighbouring windows (fraction of the patch)
     tta: bool = False  # mirroring test-time augmentation at validation (8 flips in 3D, slower)
+    keep_largest: bool = False  # keep the largest connected foreground component (one organ, e.g. liver)
     # hardware and reproducibility
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, cuda:1, mps or cpu
     amp: bool = False  # mixed precision: fp16 autocast + GradScaler on CUDA, bf16 on CPU
@@ -167,6 +169,7 @@ def validate(model, entry: Path, val_ids: list[str], labels: dict[int, str], con
              for case in [load_preprocessed_case(entry, case_id)])
     results = evaluate(model, cases, len(labels), config.patch, device, config.amp, amp_dtype,
                        overlap=config.overlap, mirror_axes=(0, 1, 2) if config.tta else (),
+                       postprocess=keep_largest_foreground if config.keep_largest else None,
                        on_prediction=on_prediction)
     scores = {metric_key(labels[k]): v for k, v in results["mean"].items()}
     scores["dice_mean"] = float(np.mean(list(scores.values())))

@@ -48,12 +48,14 @@ def _accumulation_device(spatial_shape, num_classes: int, device: torch.device) 
 def evaluate(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], num_classes: int,
              roi_size: tuple[int, ...], device: torch.device, amp: bool, amp_dtype: torch.dtype,
              overlap: float = 0.5, batch_size: int = 2, mirror_axes: tuple[int, ...] = (),
-             on_prediction: Callable | None = None, progress: bool = True) -> dict:
+             postprocess: Callable | None = None, on_prediction: Callable | None = None,
+             progress: bool = True) -> dict:
     """Predict every validation case whole and score it.
 
     Args:
         cases: (case_id, image (C, *spatial), label (*spatial)) on the preprocessed grid.
         num_classes: number of model outputs (background included).
+        postprocess: applied to each predicted label map before scoring, e.g. ``keep_largest_foreground``.
         on_prediction: called as ``on_prediction(case_id, image, label, prediction)``, e.g. to save
             the prediction or draw an overlay.
     Returns:
@@ -66,6 +68,8 @@ def evaluate(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], num_cla
     for case_id, image, label in tqdm(list(cases), desc="validate", leave=False, disable=not progress):
         prediction = predict_volume(model, image, roi_size, num_classes, device, amp, amp_dtype,
                                     overlap, batch_size, mirror_axes)
+        if postprocess is not None:
+            prediction = postprocess(prediction)
         label = np.asarray(label)
         per_case[case_id] = dice_per_class(prediction, label, max(num_classes, 2))
         if on_prediction is not None:

@@ -1,0 +1,19 @@
+"""Post-processing of predicted label maps."""
+
+import numpy as np
+from scipy import ndimage
+
+
+def keep_largest_foreground(label_map: np.ndarray) -> np.ndarray:
+    """Keep the largest 3D connected component of the foreground (all classes together, 26-connected)
+    and set everything outside it to background.
+
+    For an organ with findings inside it (liver and its tumours) islands away from the organ are false
+    positives (the spleen, which looks like liver); tumours touching or inside the liver survive.
+    Do not use it where a class comes in separate pieces (lung nodules, both kidneys).
+    """
+    components, count = ndimage.label(label_map > 0, structure=np.ones((3, 3, 3)))
+    if count <= 1:
+        return label_map
+    sizes = np.bincount(components.ravel())[1:]
+    return np.where(components == np.argmax(sizes) + 1, label_map, 0).astype(label_map.dtype)

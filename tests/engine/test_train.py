@@ -1,0 +1,57 @@
+import math
+
+import torch
+
+from engine.train import train_one_epoch
+
+
+def make_loader(num_batches):
+    generator = torch.Generator().manual_seed(0)
+    return [{"image": torch.randn(2, 1, 5, 7, generator=generator),
+             "label": torch.randint(0, 2, (2, 5, 7), generator=generator)} for _ in range(num_batches)]
+
+
+def run_epoch(loss_fn, loader, clip=None):
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(1, 2, 3, padding=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    stats = train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, torch.device("cpu"),
+                            amp=False, amp_dtype=torch.bfloat16, grad_clip=clip, progress=False)
+    return model, stats
+
+
+def test_steps_match_a_hand_written_loop():
+    loader = make_loader(3)
+    model, stats = run_epoch(torch.nn.functional.cross_entropy, loader)
+
+    torch.manual_seed(0)
+    reference = torch.nn.Conv2d(1, 2, 3, padding=1)
+    losses = []
+    for step, batch in enumerate(loader):
+        loss = torch.nn.functional.cross_entropy(reference(batch["image"]), batch["label"])
+        reference.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for parameter in reference.parameters():
+                parameter -= 0.1 * 0.5 ** step * parameter.grad
+        losses.append(loss.item())
+    assert torch.allclose(model.weight, reference.weight, atol=1e-6)
+    assert math.isclose(stats["loss"], sum(losses) / 3, rel_tol=1e-6)
+    assert stats["steps"] == 3 and stats["nonfinite_steps"] == 0
+    assert math.isclose(stats["lr"], 0.1 * 0.5 ** 3)
+    assert 0 <= stats["data_wait_fraction"] <= 1
+
+
+def test_a_nonfinite_loss_skips_its_step_and_is_counted():
+    calls = []
+
+    def sometimes_nan(output, label):
+        calls.append(1)
+        loss = torch.nn.functional.cross_entropy(output, label)
+        return loss * math.nan if len(calls) == 2 else loss
+
+    model, stats = run_epoch(sometimes_nan, make_loader(3))
+    assert stats["nonfinite_steps"] == 1 and stats["steps"] == 3
+    assert torch.isfinite(model.weight).all() and math.isfinite(stats["loss"])

@@ -67,3 +67,15 @@ def normalize_zscore(channel: np.ndarray, body_mask: np.ndarray) -> np.ndarray:
     normalized = np.zeros(channel.shape, dtype=np.float32)
     normalized[mask] = (values - values.mean()) / max(float(values.std()), 1e-8)
     return normalized
+
+
+def ct_window_statistics(lower: float, upper: float) -> dict[str, float]:
+    """Statistics for `normalize_ct` that apply a fixed Hounsfield window instead of the dataset's
+    foreground percentiles: clip to [lower, upper] and map the window linearly onto [-1, 1].
+
+    A fixed window (e.g. the lung window -1000..400) keeps the contrast a radiologist reads with,
+    where the foreground statistics of a small finding would clip away its surroundings.
+    """
+    if not upper > lower:
+        raise ValueError(f"a Hounsfield window needs upper > lower, got {lower}..{upper}")
+    return {"lower": float(lower), "upper": float(upper), "mean": (lower + upper) / 2, "std": (upper - lower) / 2}

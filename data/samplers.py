@@ -1,8 +1,17 @@
 """Samplers that decide which samples an epoch draws, in the main process.
 
-Each epoch's draw comes from `np.random.default_rng([seed, epoch])`, so it is the same in every process;
-with `num_replicas > 1` each process (DDP rank) takes every `num_replicas`-th key of that one draw, so
-the ranks share the epoch without overlap and without talking to each other.
+`WeightedSliceSampler` draws slices with replacement so that a configured share of them hold
+foreground (a lung tumour fills far under 1% of the voxels and appears in a few percent of the
+slices: drawn uniformly, most batches would hold none). Each epoch's draw comes from
+`np.random.default_rng([seed, epoch])`, so it is the same in every process; with `num_replicas > 1`
+each process (DDP rank) takes every `num_replicas`-th key of that one draw, so the ranks share the
+epoch without overlap and without talking to each other.
+
+    sampler = WeightedSliceSampler(dataset.slice_has_foreground, num_samples=2000, foreground_share=0.5, seed=0)
+    loader = DataLoader(dataset, batch_size=16, sampler=sampler, num_workers=2, persistent_workers=True)
+    for epoch in range(num_epochs):
+        sampler.set_epoch(epoch)
+        for batch in loader: ...
 """
 
 import math
@@ -11,11 +20,65 @@ import numpy as np
 from torch.utils.data import Sampler
 
 
+class WeightedSliceSampler(Sampler):
+    """Yields `(epoch, index, slice)` keys: `index` numbers the sample within the epoch (it seeds the
+    sample's augmentation), `slice` is the drawn slice.
+
+    Args:
+        slice_has_foreground: `(N,)` bool, one entry per slice of the dataset.
+        num_samples: samples per epoch over all replicas.
+        foreground_share: expected share of foreground slices among the draws; None draws every slice
+            with equal probability. With no foreground (or no background) slices at all, all draws come
+            from the slices there are.
+        seed: seed of the draws (combined with the epoch).
+        num_replicas, rank: DDP world size and this process's rank.
+    """
+
+    def __init__(self, slice_has_foreground: np.ndarray, num_samples: int, foreground_share: float | None,
+                 seed: int, num_replicas: int = 1, rank: int = 0):
+        self.slice_has_foreground = np.asarray(slice_has_foreground, dtype=bool)
+        if foreground_share is not None and not 0.0 <= foreground_share <= 1.0:
+            raise ValueError(f"foreground_share must lie in [0, 1], got {foreground_share}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in 0..{num_replicas - 1}")
+        self.num_samples = num_samples
+        self.foreground_share = foreground_share
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.probabilities = self._slice_probabilities()
+
+    def _slice_probabilities(self) -> np.ndarray:
+        count = len(self.slice_has_foreground)
+        foreground = int(self.slice_has_foreground.sum())
+        if self.foreground_share is None or foreground in (0, count):
+            return np.full(count, 1.0 / count)
+        # The foreground slices share foreground_share equally, the others the rest.
+        return np.where(self.slice_has_foreground, self.foreground_share / foreground,
+                        (1.0 - self.foreground_share) / (count - foreground))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        epoch = self.epoch
+        per_replica = len(self)
+        rng = np.random.default_rng([self.seed, epoch])
+        slices = rng.choice(len(self.probabilities), size=per_replica * self.num_replicas, p=self.probabilities)
+        indices = range(self.rank, per_replica * self.num_replicas, self.num_replicas)
+        return iter([(epoch, index, int(slices[index])) for index in indices])
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.num_replicas)
+
+
 class WeightedClassSampler(Sampler):
     """Yields `(epoch, index, sample)` keys drawn with replacement so that each class makes up a
     configured share of the draws (RSNA has ~22% positive patients: drawn uniformly, the classifier
-    sees few positives and leans towards "normal"). `index` numbers the draw within the epoch (it
-    seeds the sample's augmentation), `sample` is the drawn sample.
+    sees few positives and leans towards "normal"). Draws and DDP sharding work as in
+    `WeightedSliceSampler`: one draw per epoch from `np.random.default_rng([seed, epoch])`, each
+    replica taking every `num_replicas`-th key.
 
     Args:
         labels: `(N,)` integer class of every sample.

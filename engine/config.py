@@ -46,6 +46,10 @@ def _parse_optional_int(text: str) -> int | None:
     return None if text.lower() == "none" else int(text)
 
 
+def _parse_optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -60,6 +64,7 @@ _PARSERS = {
     float: (float, "FLOAT"),
     str: (str, "TEXT"),
     int | None: (_parse_optional_int, "INT|none"),
+    float | None: (_parse_optional_float, "FLOAT|none"),
     str | None: (_parse_optional_str, "TEXT|none"),
     tuple[int, ...]: (_parse_ints, "N[,N,N]"),
     tuple[float, ...] | None: (_parse_optional_floats, "Z,Y,X|auto"),

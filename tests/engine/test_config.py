@@ -42,3 +42,13 @@ def test_config_from_dict_restores_tuples_and_rejects_unknown_keys():
     assert config_from_dict(ToyConfig, saved).patch == (16, 32, 48)
     with pytest.raises(ValueError, match="unknown configuration keys \\['learning_rate'\\]"):
         config_from_dict(ToyConfig, {"learning_rate": 1.0})
+
+
+def test_optional_float_fields_parse_none_and_numbers():
+    @dataclasses.dataclass
+    class Shares:
+        share: float | None = 0.5  # share of something; none = off
+
+    parser = build_parser(Shares, "test")
+    assert vars(parser.parse_args(["--share", "none"])) == {"share": None}
+    assert vars(parser.parse_args(["--share", "0.25"])) == {"share": 0.25}

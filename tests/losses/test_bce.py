@@ -30,3 +30,12 @@ def test_bce_image_level_labels_and_float32_under_autocast():
 def test_bce_rejects_several_channels():
     with pytest.raises(ValueError):
         BCELoss()(torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_bce_dice_is_the_sum_of_its_terms():
+    from losses import BCEDiceLoss, BCELoss, DiceLoss
+
+    logits = torch.randn(3, 1, 7, 9)
+    target = (torch.rand(3, 7, 9) > 0.7).long()
+    expected = BCELoss()(logits, target) + DiceLoss(batch_dice=True, activation="sigmoid")(logits, target)
+    torch.testing.assert_close(BCEDiceLoss()(logits, target), expected)

@@ -1,0 +1,188 @@
+"""Volume-level evaluation of a 2D model: predict every slice, stack, score the volume in 3D.
+
+A 2D network is judged on what a clinician would use, the stacked 3D segmentation: Dice is computed
+per case on the whole volume (`engine/metrics.py`'s convention: a class absent from reference and
+prediction scores 1, so no NaN). The slice-averaged Dice (the mean over every slice of its 2D Dice,
+empty slices included) is reported beside it and labelled as such: it is higher wherever most slices
+are empty and correctly left empty, so it must not be compared with 3D figures.
+
+Slices are fitted to the network exactly as in training (`data/augment2d.py`'s coordinate map):
+"resize" resamples the whole slice to the network's size and the probabilities back to the slice's
+grid; "crop" tiles the full-resolution slice with a sliding window.
+"""
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+from tqdm import tqdm
+
+from data.augment2d import SpatialTransform2D, fit_scale, make_coordinate_map_2d
+from engine.inference import sliding_window_inference
+from engine.logging import overlay_slice
+from engine.metrics import dice_per_class
+
+
+def _normalised_grid(coordinates: np.ndarray, input_size: tuple[int, int]) -> torch.Tensor:
+    """(2, H, W) pixel coordinates (row, column) -> (1, H, W, 2) grid_sample grid (x, y) in [-1, 1]."""
+    rows = 2 * coordinates[0] / max(input_size[0] - 1, 1) - 1
+    columns = 2 * coordinates[1] / max(input_size[1] - 1, 1) - 1
+    return torch.from_numpy(np.stack([columns, rows], axis=-1)[None].astype(np.float32))
+
+
+def _resize_probabilities(predict: Callable, slices: torch.Tensor, image_size: tuple[int, int],
+                          num_classes: int, fill: torch.Tensor) -> torch.Tensor:
+    """Probabilities (S, K, H_in, W_in) of slices (S, C, H_in, W_in) fitted by resizing (aspect kept)."""
+    input_size = tuple(slices.shape[2:])
+    forward = _normalised_grid(make_coordinate_map_2d(image_size, input_size, SpatialTransform2D(), "resize"),
+                               input_size).to(slices.device).expand(len(slices), -1, -1, -1)
+    fill = fill.view(1, -1, 1, 1)
+    # Outside the slice the network saw each channel's background value in training, not zeros.
+    fitted = F.grid_sample(slices - fill, forward, mode="bilinear", padding_mode="zeros", align_corners=True) + fill
+    logits = predict(fitted).float()
+    probabilities = torch.sigmoid(logits) if num_classes == 1 else torch.softmax(logits, dim=1)
+    # Back to the slice grid: each slice pixel sits at (p - centre) / scale + output centre.
+    factor = fit_scale(input_size, image_size, "resize")
+    back = [((np.arange(size_in) - (size_in - 1) / 2) / factor + (size_out - 1) / 2).astype(np.float32)
+            for size_in, size_out in zip(input_size, image_size)]
+    inverse = _normalised_grid(np.stack(np.meshgrid(*back, indexing="ij")), image_size)
+    inverse = inverse.to(slices.device).expand(len(slices), -1, -1, -1)
+    return F.grid_sample(probabilities, inverse, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+@torch.inference_mode()
+def predict_volume_slicewise(model, image: np.ndarray, axis: int, image_size: tuple[int, int], fit: str,
+                             num_classes: int, device: torch.device, amp: bool, amp_dtype: torch.dtype,
+                             batch_size: int = 16) -> np.ndarray:
+    """Label map of a preprocessed volume, predicted one slice at a time along `axis`.
+
+    Args:
+        image: (C, Z, Y, X) float32 on the preprocessed grid.
+        axis: spatial axis of the slices (0 = z).
+        num_classes: model outputs; 1 means one sigmoid logit (foreground where > 0.5).
+
+    Returns:
+        (Z, Y, X) uint8 class indices.
+    """
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            return model(batch)
+
+    volume = torch.from_numpy(np.moveaxis(np.asarray(image, dtype=np.float32), axis + 1, 0).copy())  # (S, C, H, W)
+    fill = volume.transpose(0, 1).flatten(1).amin(1).to(device)  # (C,) each channel's background value
+    predicted = []
+    for first in range(0, len(volume), batch_size):
+        slices = volume[first:first + batch_size].to(device)
+        if fit == "resize":
+            probabilities = _resize_probabilities(predict, slices, image_size, num_classes, fill)
+        else:
+            probabilities = torch.stack([sliding_window_inference(one, predict, image_size, num_classes,
+                                                                  overlap=0.25, batch_size=batch_size)
+                                         for one in slices])
+        if num_classes == 1:
+            predicted.append((probabilities[:, 0] > 0.5).to(torch.uint8).cpu())
+        else:
+            predicted.append(probabilities.argmax(1).to(torch.uint8).cpu())
+    return np.moveaxis(torch.cat(predicted).numpy(), 0, axis)
+
+
+def keep_largest_component(label_map: np.ndarray, num_classes: int) -> np.ndarray:
+    """Keep, per foreground class, only its largest 3D connected component (26-connectivity).
+
+    For one organ (the left atrium) stray islands are false positives; do not use it for findings
+    that come several per patient (lung nodules).
+    """
+    result = np.array(label_map, copy=True)
+    for k in range(1, max(num_classes, 2)):
+        components, count = ndimage.label(label_map == k, structure=np.ones((3, 3, 3)))
+        if count > 1:
+            sizes = np.bincount(components.ravel())[1:]
+            result[(components > 0) & (components != np.argmax(sizes) + 1)] = 0
+    return result
+
+
+def slice_averaged_dice(prediction: np.ndarray, reference: np.ndarray, axis: int, num_classes: int) -> dict[int, float]:
+    """Mean over the slices along `axis` of each slice's 2D Dice per foreground class (empty slices
+    left empty score 1, as in `dice_per_class`)."""
+    scores = [dice_per_class(np.take(prediction, index, axis=axis), np.take(reference, index, axis=axis), num_classes)
+              for index in range(prediction.shape[axis])]
+    return {k: float(np.mean([score[k] for score in scores])) for k in scores[0]}
+
+
+@torch.inference_mode()
+def evaluate_slicewise(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], num_classes: int, axis: int,
+                       image_size: tuple[int, int], fit: str, device: torch.device, amp: bool,
+                       amp_dtype: torch.dtype, largest_component: bool = False, batch_size: int = 16,
+                       on_prediction: Callable | None = None, progress: bool = True) -> dict:
+    """Predict every validation case slice by slice and score the stacked volumes.
+
+    Args:
+        cases: (case_id, image (C, Z, Y, X), label (Z, Y, X)) on the preprocessed grid.
+        num_classes: model outputs (1 = one sigmoid logit for a binary task).
+        largest_component: post-process with `keep_largest_component`.
+        on_prediction: called as ``on_prediction(case_id, image, label, prediction)``.
+
+    Returns:
+        ``{"per_case": {case_id: {class: 3D dice}}, "mean": {class: mean 3D dice},
+        "per_case_slice_averaged": {case_id: {class: slice-averaged dice}},
+        "slice_averaged": {class: its mean over cases}}``.
+    """
+    model.eval()
+    label_classes = max(num_classes, 2)
+    per_case, slice_averaged = {}, {}
+    for case_id, image, label in tqdm(list(cases), desc="validate", leave=False, disable=not progress):
+        prediction = predict_volume_slicewise(model, image, axis, image_size, fit, num_classes, device, amp,
+                                              amp_dtype, batch_size)
+        if largest_component:
+            prediction = keep_largest_component(prediction, label_classes)
+        label = np.asarray(label)
+        per_case[case_id] = dice_per_class(prediction, label, label_classes)
+        slice_averaged[case_id] = slice_averaged_dice(prediction, label, axis, label_classes)
+        if on_prediction is not None:
+            on_prediction(case_id, image, label, prediction)
+    classes = sorted(next(iter(per_case.values())))
+    return {
+        "per_case": per_case,
+        "mean": {k: float(np.mean([scores[k] for scores in per_case.values()])) for k in classes},
+        "per_case_slice_averaged": slice_averaged,
+        "slice_averaged": {k: float(np.mean([scores[k] for scores in slice_averaged.values()])) for k in classes},
+    }
+
+
+def montage(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, axis: int, num_slices: int = 8,
+            columns: int = 4) -> np.ndarray:
+    """Slices of a case side by side: image in grey, reference outlines green, prediction red.
+
+    Slices are spread evenly over those holding reference or predicted foreground (over the whole
+    volume when there is none), so the picture shows where the model is right and wrong.
+
+    Args:
+        image: (C, Z, Y, X); the first channel is drawn.
+        label, prediction: (Z, Y, X) label maps.
+
+    Returns:
+        (rows * H, columns * W, 3) uint8.
+    """
+    occupied = np.flatnonzero(np.logical_or(label > 0, prediction > 0).any(
+        axis=tuple(a for a in range(3) if a != axis)))
+    candidates = occupied if len(occupied) else np.arange(label.shape[axis])
+    chosen = candidates[np.unique(np.linspace(0, len(candidates) - 1, num_slices).round().astype(int))]
+    tiles = [overlay_slice(np.take(image[0], index, axis=axis), np.take(label, index, axis=axis),
+                           np.take(prediction, index, axis=axis)) for index in chosen]
+    columns = min(columns, len(tiles))
+    rows = -(-len(tiles) // columns)
+    height, width = tiles[0].shape[:2]
+    canvas = np.zeros((rows * height, columns * width, 3), dtype=np.uint8)
+    for number, tile in enumerate(tiles):
+        row, column = divmod(number, columns)
+        canvas[row * height:(row + 1) * height, column * width:(column + 1) * width] = tile
+    return canvas
+
+
+def save_montage(picture: np.ndarray, path: str | Path) -> None:
+    """Write an (H, W, 3) uint8 picture as PNG."""
+    Image.fromarray(picture).save(path)

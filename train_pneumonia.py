@@ -1,0 +1,308 @@
+"""Pneumonia classification from chest radiographs (RSNA Pneumonia Detection Challenge layout) with a
+ResNet18, class activation maps on the validation images.
+
+    python train_pneumonia.py                                   # synthetic chest X-ray phantom, CPU-sized
+    python train_pneumonia.py --data-dir /data/rsna --amp       # RSNA download, ImageNet weights
+    python train_pneumonia.py --data-dir /data/rsna --weights /models/resnet18-f37072fd.pth  # offline
+    python train_pneumonia.py --resume runs/pneumonia/last.pt   # continue an interrupted run
+    python train_pneumonia.py --config runs/pneumonia/config.json --out runs/again   # rerun a config
+
+The recipe, top to bottom: config -> data (decode DICOM once into a uint8 cache, split by patient) ->
+model -> loss -> optimizer -> resume -> compile -> epoch loop (train, validate, checkpoint) -> final
+validation -> class activation maps -> metrics.json. Checkpoints carry the image size, the
+normalisation and the chosen threshold, so inference needs nothing else.
+"""
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.augment2d import Augment2DConfig
+from data.rsna import ChestXrayDataset, cache_images, image_statistics, read_rsna_dataset, scale_boxes, \
+    split_patients
+from data.samplers import WeightedClassSampler
+from data.synthetic.rsna import ensure_rsna_phantom
+from engine.cam import box_area_fraction, cam_mass_in_boxes, class_activation_maps, grad_cams, save_cam_overlay
+from engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from engine.classification import classification_metrics, predict_probabilities
+from engine.config import build_parser, config_from_dict, read_config_file, save_config
+from engine.logging import RunLogger
+from engine.runtime import amp_dtype_for, pick_device, seed_everything, worker_init
+from engine.schedules import cosine_schedule
+from engine.train import train_one_epoch
+from losses import BCELoss
+from models.resnet import ResNet18Classifier, load_weights
+
+
+def chest_xray_augmentation() -> Augment2DConfig:
+    # No elastic deformation (it bends ribs and lung borders into shapes no radiograph shows) and
+    # milder rotation than the 2D default: films are taken upright, rarely tilted more than ~10 degrees.
+    return Augment2DConfig(rotation_range_deg=10.0, p_elastic=0.0, scale_range=(0.9, 1.1),
+                           translate_fraction=0.06)
+
+
+@dataclass
+class Config:
+    # data
+    data_dir: str | None = None  # RSNA folder (stage_2_train_labels.csv, stage_2_train_images/); none = the synthetic phantom
+    out: str = "runs/pneumonia"  # run folder: config.json, last.pt, best.pt, metrics.json, log.jsonl, cam/, TensorBoard events
+    cache_dir: str = ".cache"  # decoded, resized images (and the generated phantom) live here, keyed by their parameters
+    image_size: int = 224  # images are resized to this square once, when the cache is built
+    val_fraction: float = 0.2  # share of patients held out for validation, stratified by class
+    split_seed: int = 12345  # seed of the patient split, fixed so that runs with other --seed values compare on the same patients
+    synthetic_patients: int = 1000  # phantom only: number of generated radiographs (~22% with pneumonia)
+    synthetic_matrix: int = 256  # phantom only: pixels per side of the generated films (the size knob; tests use ~64)
+    # sampling and augmentation
+    balance: str = "sampler"  # sampler (draw positives at --positive-share), pos_weight (weigh positives by negatives/positives in BCE) or none
+    positive_share: float = 0.5  # sampler only: expected share of positives among the draws (RSNA has ~22%)
+    samples_per_epoch: int | None = None  # images drawn per epoch; none = as many as training patients
+    augment: Augment2DConfig = field(default_factory=chest_xray_augmentation)  # rotation, scaling, shift, intensity (edit via --config)
+    crop_min_area: float = 0.8  # random resized crop: smallest share of the film a crop keeps (1 disables)
+    hflip: bool = False  # allow left-right flips (off: the heart lies on the patient's left, a flipped film is anatomically wrong)
+    # model
+    weights: str = "imagenet"  # imagenet (torchvision IMAGENET1K_V1), none (from scratch) or PATH of a ResNet18 state_dict
+    freeze_backbone: bool = False  # train the linear head only (transfer learning with little data)
+    backbone_lr_factor: float = 0.1  # the pretrained backbone learns at lr * this, the new head at lr (discriminative LR)
+    # optimisation
+    lr: float = 3e-4  # AdamW learning rate of the head (peak of the cosine schedule)
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay
+    warmup_steps: int = 100  # iterations of linear warm-up before the cosine decay
+    grad_clip: float = 0.0  # max gradient norm; 0 disables
+    batch_size: int = 32  # images per step (per process)
+    epochs: int = 10  # total epochs (a resumed run continues up to this number)
+    # validation and class activation maps
+    val_every: int = 1  # validate every N epochs; always after the last epoch
+    cam: str = "cam"  # cam (exact for ResNet's pooled linear head) or gradcam
+    cam_images: int = 16  # validation images drawn as CAM overlays into RUN/cam/ (positives first)
+    # hardware and reproducibility
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, cuda:1, mps or cpu
+    amp: bool = False  # mixed precision: fp16 autocast + GradScaler on CUDA, bf16 on CPU
+    amp_dtype: str = "auto"  # auto, fp16 or bf16
+    compile: bool = False  # torch.compile the model (slow start, faster steps on GPU)
+    workers: int = 4  # DataLoader processes augmenting images (0 = in the main process); also decode DICOM once
+    seed: int = 0  # seeds weights, sampling and augmentation; same seed and workers -> same numbers
+    deterministic: bool = False  # force deterministic kernels on CUDA (slower; CPU runs are deterministic anyway)
+
+
+# Without --data-dir the recipe trains on the phantom in a few minutes on 2 CPU cores: small films,
+# a from-scratch network (no download), a higher learning rate for it, few epochs.
+SYNTHETIC_PROFILE = dict(
+    image_size=128, weights="none", backbone_lr_factor=1.0, lr=1e-3, warmup_steps=25, epochs=10, workers=1)
+
+
+def parse_config(argv: list[str]) -> tuple[Config, str | None]:
+    """Defaults <- synthetic profile <- --config file or the checkpoint's config <- explicit flags."""
+    parser = build_parser(Config, __doc__)
+    parser.add_argument("--config", help="start from a saved RUN/config.json; explicit flags override it")
+    parser.add_argument("--resume", help="continue from RUN/last.pt with its config; explicit flags "
+                                         "(e.g. --epochs) override it")
+    flags = vars(parser.parse_args(argv))
+    config_file, resume = flags.pop("config", None), flags.pop("resume", None)
+    if resume:
+        values = load_checkpoint(resume)["config"]
+    elif config_file:
+        values = read_config_file(config_file)
+    else:
+        values = dict(SYNTHETIC_PROFILE) if flags.get("data_dir") is None else {}
+    values.update(flags)
+    config = config_from_dict(Config, values)
+    if config.balance not in ("sampler", "pos_weight", "none"):
+        raise SystemExit(f"--balance {config.balance}: choose sampler, pos_weight or none")
+    if config.cam not in ("cam", "gradcam"):
+        raise SystemExit(f"--cam {config.cam}: choose cam or gradcam")
+    return config, resume
+
+
+def prepare_data(config: Config, logger: RunLogger):
+    """Read the labels (or generate the phantom), decode every image once into the cache, split by patient."""
+    cache_dir = Path(config.cache_dir)
+    if config.data_dir is None:
+        root = ensure_rsna_phantom(cache_dir / "synthetic", num_patients=config.synthetic_patients,
+                                   matrix=config.synthetic_matrix)
+    else:
+        root = Path(config.data_dir)
+    patients = read_rsna_dataset(root)
+    started = time.perf_counter()
+    images, source_shapes = cache_images(root, patients, config.image_size, cache_dir, workers=config.workers)
+    train_indices, val_indices = split_patients(patients, config.val_fraction, config.split_seed)
+    labels = np.array([p.label for p in patients])
+    logger.info(f"{root}: {len(patients)} patients ({labels.mean():.0%} positive), {len(train_indices)} "
+                f"training / {len(val_indices)} validation, {config.image_size}px cache ready in "
+                f"{time.perf_counter() - started:.0f} s")
+    return patients, images, source_shapes, labels, train_indices, val_indices
+
+
+def build_optimizer(config: Config, model: ResNet18Classifier, total_steps: int):
+    # Discriminative learning rates: pretrained features need small steps, the new head large ones.
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    backbone = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("backbone.fc.")]
+    groups = [{"params": head, "lr": config.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": config.lr * config.backbone_lr_factor})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return optimizer, cosine_schedule(optimizer, total_steps, config.warmup_steps)
+
+
+def validate(model, loader, device: torch.device, amp: bool, amp_dtype: torch.dtype,
+             logger: RunLogger, epoch: int) -> dict:
+    """Probabilities on the validation split and the metrics from them (Youden threshold chosen here)."""
+    probabilities, labels, indices = predict_probabilities(model, loader, device, amp, amp_dtype)
+    metrics = classification_metrics(probabilities, labels)
+    logger.scalars(metrics, epoch, prefix="val/")
+    logger.info(f"validation: AUC {metrics['auc']:.4f}, accuracy {metrics['accuracy']:.3f} at 0.5, "
+                f"sensitivity {metrics['sensitivity_youden']:.3f} / specificity "
+                f"{metrics['specificity_youden']:.3f} at {metrics['threshold_youden']:.3f} (Youden)")
+    return {"metrics": metrics, "probabilities": probabilities, "indices": indices}
+
+
+def draw_activation_maps(model, dataset: ChestXrayDataset, validation: dict, patients, images,
+                         source_shapes, config: Config, device: torch.device, out: Path) -> dict:
+    """CAM for every positive validation image: the mean share of its mass inside the boxes
+    (``cam_in_box``) beside the boxes' area share (what a uniform map scores), and PNG overlays of
+    ``cam_images`` validation images, positives first."""
+    model.eval()
+    compute = class_activation_maps if config.cam == "cam" else grad_cams
+    indices, probabilities = validation["indices"], validation["probabilities"]  # in dataset order
+    positives = [k for k, i in enumerate(indices) if patients[i].label == 1]
+    negatives = [k for k, i in enumerate(indices) if patients[i].label == 0]
+    drawn = set((positives + negatives)[:config.cam_images])
+    in_box, area = [], []
+    for start in range(0, len(indices), config.batch_size):
+        chunk = [k for k in range(start, min(start + config.batch_size, len(indices)))
+                 if k in drawn or patients[indices[k]].label == 1]
+        if not chunk:
+            continue
+        batch = torch.stack([dataset[k]["image"] for k in chunk]).to(device)
+        cams = compute(model, batch).cpu().numpy()  # (B, H, W)
+        for k, cam in zip(chunk, cams):
+            patient = patients[indices[k]]
+            boxes = scale_boxes(patient.boxes, tuple(source_shapes[indices[k]]), config.image_size)
+            if patient.label == 1:
+                in_box.append(cam_mass_in_boxes(cam, boxes))
+                area.append(box_area_fraction(boxes, cam.shape))
+            if k in drawn:
+                save_cam_overlay(out / "cam" / f"{patient.patient_id}.png", images[indices[k]], cam, boxes,
+                                 caption=f"label {patient.label}  p {probabilities[k]:.2f}")
+    if not in_box:
+        return {}
+    return {"cam_in_box": float(np.mean(in_box)), "box_area_fraction": float(np.mean(area))}
+
+
+def main(argv: list[str]) -> dict:
+    config, resume = parse_config(argv)
+    out = Path(config.out)
+    if (out / "last.pt").exists() and resume is None:
+        raise SystemExit(f"{out} already holds a run (last.pt). Continue it with --resume {out / 'last.pt'} "
+                         "or choose another --out.")
+    device = pick_device(config.device)
+    amp_dtype = amp_dtype_for(device, config.amp_dtype)
+    seed_everything(config.seed, deterministic=config.deterministic or device.type == "cpu")
+    logger = RunLogger(out)
+    save_config(config, out / "config.json")
+    logger.info(f"device {device}, amp {config.amp} ({amp_dtype}), run folder {out}")
+
+    # Data: one uint8 cache of every film; normalisation from the training split, kept in checkpoints.
+    patients, images, source_shapes, labels, train_indices, val_indices = prepare_data(config, logger)
+    mean, std = image_statistics(images, train_indices)
+    augment = config.augment
+    if config.hflip:
+        augment = dataclasses.replace(augment, flip_axes=(1,))
+    train_data = ChestXrayDataset(images, labels, train_indices, mean, std, augment, config.crop_min_area,
+                                  config.seed)
+    val_data = ChestXrayDataset(images, labels, val_indices, mean, std)
+    samples_per_epoch = config.samples_per_epoch or len(train_indices)
+    shares = {1: config.positive_share, 0: 1 - config.positive_share} if config.balance == "sampler" else None
+    train_sampler = WeightedClassSampler(labels[train_indices], samples_per_epoch, shares, config.seed)
+    # drop_last: a last batch of one or two images would give batch norm useless statistics.
+    loader = torch.utils.data.DataLoader(
+        train_data, batch_size=config.batch_size, sampler=train_sampler, num_workers=config.workers,
+        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
+        worker_init_fn=worker_init)
+    val_loader = torch.utils.data.DataLoader(
+        val_data, batch_size=config.batch_size, num_workers=config.workers,
+        pin_memory=device.type == "cuda", worker_init_fn=worker_init)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{samples_per_epoch} samples per epoch make no batch of {config.batch_size}; "
+                         "lower --batch-size or raise --samples-per-epoch")
+
+    # Model, loss, optimizer.
+    model = ResNet18Classifier(in_channels=1, num_classes=1)
+    if resume is None:
+        load_weights(model, config.weights)
+    if config.freeze_backbone:
+        model.freeze_backbone()
+    model = model.to(device, memory_format=torch.channels_last)
+    positives = int(labels[train_indices].sum())
+    pos_weight = (len(train_indices) - positives) / max(positives, 1) if config.balance == "pos_weight" else None
+    loss_fn = BCELoss(pos_weight=pos_weight)
+    optimizer, scheduler = build_optimizer(config, model, config.epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and amp_dtype == torch.float16)
+
+    # Resume: every state that shapes the following steps.
+    start_epoch, best_auc = 0, -1.0
+    if resume:
+        checkpoint = load_checkpoint(resume, map_location=device)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_state(checkpoint["rng"])
+        start_epoch, best_auc = checkpoint["epoch"] + 1, checkpoint["best_auc"]
+        logger.info(f"resumed from {resume} at epoch {start_epoch + 1}")
+
+    train_model = model  # the plain model is what we save: its state_dict loads anywhere
+    if config.compile:
+        train_model = torch.compile(model)
+
+    def checkpoint_state(epoch: int, threshold: float) -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                "best_auc": best_auc, "config": dataclasses.asdict(config), "image_size": config.image_size,
+                "normalization": {"mean": mean, "std": std}, "threshold": threshold, "task": "pneumonia",
+                "rng": capture_rng_state()}
+
+    # Epoch loop: train, validate every val_every epochs and after the last, checkpoint every epoch.
+    validation, threshold = None, 0.5
+    for epoch in range(start_epoch, config.epochs):
+        train_sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        stats = train_one_epoch(train_model, loader, loss_fn, optimizer, scheduler, scaler, device,
+                                config.amp, amp_dtype, config.grad_clip, torch.channels_last,
+                                description=f"epoch {epoch + 1}/{config.epochs}")
+        logger.scalars(stats, epoch, prefix="train/")
+        logger.info(f"epoch {epoch + 1}/{config.epochs}: loss {stats['loss']:.4f}, lr {stats['lr']:.2e}, "
+                    f"{stats['samples_per_s']:.1f} images/s, data wait {100 * stats['data_wait_fraction']:.0f}%")
+        record = {"epoch": epoch, **stats, "epoch_time_s": time.perf_counter() - started}
+        if (epoch + 1) % config.val_every == 0 or epoch == config.epochs - 1:
+            validation = validate(train_model, val_loader, device, config.amp, amp_dtype, logger, epoch)
+            threshold = validation["metrics"]["threshold_youden"]
+            record.update(validation["metrics"])
+            if validation["metrics"]["auc"] > best_auc:
+                best_auc = validation["metrics"]["auc"]
+                save_checkpoint(checkpoint_state(epoch, threshold), out / "best.pt")
+        save_checkpoint(checkpoint_state(epoch, threshold), out / "last.pt")
+        logger.record(record)
+
+    if validation is None:  # resumed after the last epoch: nothing left to train, validate once
+        validation = validate(train_model, val_loader, device, config.amp, amp_dtype, logger, config.epochs - 1)
+    metrics = dict(validation["metrics"])
+    metrics.update(draw_activation_maps(model, val_data, validation, patients, images, source_shapes,
+                                        config, device, out))
+    if "cam_in_box" in metrics:
+        logger.info(f"CAM mass inside the boxes {metrics['cam_in_box']:.3f} "
+                    f"(boxes cover {metrics['box_area_fraction']:.3f} of the image)")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    logger.close()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -45,6 +45,27 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
                          "It is not a checkpoint of this codebase or it is damaged.") from None
 
 
+def training_state(model, optimizer, scheduler, scaler, epoch: int, best_metric: float, **inference) -> dict:
+    """The checkpoint dict of a training run at the end of ``epoch``. ``model`` is the plain model
+    (not its compiled or DDP wrapper, whose keys carry prefixes); ``inference`` holds what predicting
+    needs without the training data (config, preprocessing plan, label names, task)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch, "best_metric": best_metric, "rng": capture_rng_state(),
+            **inference}
+
+
+def resume_training(path: Path, model, optimizer, scheduler, scaler, device) -> tuple[int, float]:
+    """Load every state that shapes the following steps from a ``training_state`` checkpoint into
+    the given objects and the global RNGs; returns (first epoch to train, best metric so far)."""
+    checkpoint = load_checkpoint(path, map_location=device)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    restore_rng_state(checkpoint["rng"])
+    return checkpoint["epoch"] + 1, checkpoint["best_metric"]
+
+
 def capture_rng_state() -> dict:
     """Python, NumPy and torch RNG states as tensors and lists (``weights_only``-safe)."""
     numpy_state = np.random.get_state()

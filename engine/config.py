@@ -120,6 +120,37 @@ def config_from_dict(config_class: type, values: dict):
     return config_class(**converted)
 
 
+def parse_config(config_class: type, argv: list[str], description: str, synthetic_profile: dict):
+    """Parse a recipe's command line into ``(config, resume_path)``.
+
+    Precedence, lowest first: the dataclass defaults; ``synthetic_profile`` when no ``--data-dir`` is
+    given; a saved ``--config`` file, or the config inside the ``--resume`` checkpoint; the flags given
+    explicitly. A single number for a tuple field whose default has several (``--patch 128``) is
+    repeated to that length.
+    """
+    parser = build_parser(config_class, description)
+    parser.add_argument("--config", help="start from a saved RUN/config.json; explicit flags override it")
+    parser.add_argument("--resume", help="continue from RUN/last.pt with its config; explicit flags "
+                                         "(e.g. --epochs) override it")
+    flags = vars(parser.parse_args(argv))
+    config_file, resume = flags.pop("config", None), flags.pop("resume", None)
+    if resume:
+        from engine.checkpoint import load_checkpoint  # checkpoints need torch; configs do not
+
+        values = load_checkpoint(resume)["config"]
+    elif config_file:
+        values = read_config_file(config_file)
+    else:
+        values = dict(synthetic_profile) if flags.get("data_dir") is None else {}
+    values.update(flags)
+    defaults = {field.name: field.default for field in dataclasses.fields(config_class)}
+    for name, value in values.items():
+        default = defaults.get(name)
+        if isinstance(value, (tuple, list)) and len(value) == 1 and isinstance(default, tuple) and len(default) > 1:
+            values[name] = tuple(value) * len(default)
+    return config_from_dict(config_class, values), resume
+
+
 def read_config_file(path: Path) -> dict:
     try:
         return json.loads(Path(path).read_text())

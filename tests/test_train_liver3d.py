@@ -102,11 +102,11 @@ def test_another_task_with_two_channels_and_one_foreground_class(tmp_path):
 def test_every_flag_is_explained_in_help():
     import dataclasses
 
-    from engine.config import field_comments
+    from engine.config import build_parser, field_comments
 
     comments = field_comments(train_liver3d.Config)
     assert all(comments.get(f.name) for f in dataclasses.fields(train_liver3d.Config))
-    help_text = train_liver3d.build_parser(train_liver3d.Config, "").format_help()
+    help_text = build_parser(train_liver3d.Config, "").format_help()
     for flag in ["--data-dir", "--out", "--patch", "--batch-size", "--epochs", "--steps-per-epoch", "--lr",
                  "--amp", "--compile", "--workers", "--device", "--seed", "--val-every", "--spacing",
                  "--fg-prob", "--base-channels", "--cache-dir"]:

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from data.synthetic.msd_layout import ensure_dataset, write_msd_dataset
 
-GENERATOR_VERSION = 1  # bump when the drawn anatomy changes, so cached phantoms are regenerated
+GENERATOR_VERSION = 2  # bump when the drawn anatomy changes, so cached phantoms are regenerated
 LABELS = {0: "background", 1: "liver", 2: "cancer"}
 SLICE_THICKNESSES_MM = (2.5, 3.0, 4.0, 5.0)
 # Cycled over cases so even a three-case dataset has a permuted and an oblique file.
@@ -252,7 +252,9 @@ def _draw_tumours(tissue, rng, spacing) -> np.ndarray:
     offset = np.zeros(tissue.shape, dtype=np.float32)
     num_tumours = rng.integers(1, 7)
     diameters = np.exp(rng.uniform(np.log(5), np.log(40), size=num_tumours))
-    diameters[0] = rng.uniform(15, 40)  # one tumour large enough for a meaningful Dice
+    # Most Task03 cases have a dominant lesion of a few centimetres beside smaller ones; it also
+    # keeps the per-case tumour Dice from hinging on a handful of voxels.
+    diameters[0] = rng.uniform(20, 50)
     for diameter in diameters:
         # Centre deep enough that most of the tumour lies in the liver.
         candidates = np.argwhere(depth_mm >= min(0.5 * diameter, 0.7 * depth_mm.max()))

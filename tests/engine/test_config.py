@@ -52,3 +52,16 @@ def test_optional_float_fields_parse_none_and_numbers():
     parser = build_parser(Shares, "test")
     assert vars(parser.parse_args(["--share", "none"])) == {"share": None}
     assert vars(parser.parse_args(["--share", "0.25"])) == {"share": 0.25}
+
+
+def test_parse_config_precedence_and_single_values_for_tuples(tmp_path):
+    from engine.config import parse_config, save_config
+
+    profile = {"lr": 0.5, "patch": (8, 8, 8)}
+    config, resume = parse_config(ToyConfig, ["--patch", "32"], "toy", profile)
+    assert (config.lr, config.patch, resume) == (0.5, (32, 32, 32), None)  # profile, then the flag
+    config, _ = parse_config(ToyConfig, ["--data-dir", "/data"], "toy", profile)
+    assert (config.lr, config.patch) == (0.01, (64, 64, 64))  # real data: no profile
+    save_config(ToyConfig(lr=0.2, fold=3), tmp_path / "config.json")
+    config, _ = parse_config(ToyConfig, ["--config", str(tmp_path / "config.json"), "--fold", "1"], "toy", profile)
+    assert (config.lr, config.fold) == (0.2, 1)  # the saved file, then the flag

@@ -57,11 +57,11 @@ class Config:
     image_size: int = 224  # images are resized to this square once, when the cache is built
     val_fraction: float = 0.2  # share of patients held out for validation, stratified by class
     split_seed: int = 12345  # seed of the patient split, fixed so that runs with other --seed values compare on the same patients
-    synthetic_patients: int = 1000  # phantom only: number of generated radiographs (~22% with pneumonia)
+    synthetic_patients: int = 1000  # phantom only: number of generated radiographs (a share of 0.22 with pneumonia, as RSNA)
     synthetic_matrix: int = 256  # phantom only: pixels per side of the generated films (the size knob; tests use ~64)
     # sampling and augmentation
     balance: str = "sampler"  # sampler (draw positives at --positive-share), pos_weight (weigh positives by negatives/positives in BCE) or none
-    positive_share: float = 0.5  # sampler only: expected share of positives among the draws (RSNA has ~22%)
+    positive_share: float = 0.5  # sampler only: expected share of positives among the draws (RSNA itself has 0.22)
     samples_per_epoch: int | None = None  # images drawn per epoch; none = as many as training patients
     augment: Augment2DConfig = field(default_factory=chest_xray_augmentation)  # rotation, scaling, shift, intensity (edit via --config)
     crop_min_area: float = 0.8  # random resized crop: smallest share of the film a crop keeps (1 disables)

@@ -73,3 +73,12 @@ def test_pos_weight_grad_cam_and_flips_run(tmp_path, cache_dir):
     assert np.isfinite(metrics["auc"]) and 0 <= metrics["cam_in_box"] <= 1
     with pytest.raises(SystemExit, match="choose sampler, pos_weight or none"):
         run(tmp_path / "other", cache_dir, "--balance", "oversample")
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        train_pneumonia.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--data-dir", "--weights", "--balance", "--positive-share", "--hflip", "--freeze-backbone",
+                 "--backbone-lr-factor", "--image-size", "--val-fraction", "--cam", "--resume", "--config"):
+        assert flag in text

@@ -81,7 +81,8 @@ def build_parser(config_class: type, description: str) -> argparse.ArgumentParse
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
         flag = "--" + field.name.replace("_", "-")
-        help_text = f"{comments.get(field.name, '')} (default: {_format_default(field)})"
+        # argparse expands %-formats in help strings; a comment such as "80% of patches" must stay text.
+        help_text = f"{comments.get(field.name, '')} (default: {_format_default(field)})".replace("%", "%%")
         annotation = hints[field.name]
         if dataclasses.is_dataclass(annotation):
             continue  # a group of settings (e.g. augmentation): edited in config.json, passed with --config

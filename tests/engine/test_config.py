@@ -14,16 +14,19 @@ class ToyConfig:
     data_dir: str | None = None  # task folder
     amp: bool = False  # mixed precision
     fold: int | None = None  # validation fold
+    fg_prob: float = 0.33  # share of patches on foreground, 33% as nnU-Net
 
 
 def test_comments_become_help_text():
     assert field_comments(ToyConfig) == {
         "lr": "initial learning rate", "patch": "patch size z,y,x",
         "spacing": "target spacing; auto = median", "data_dir": "task folder",
-        "amp": "mixed precision", "fold": "validation fold"}
+        "amp": "mixed precision", "fold": "validation fold",
+        "fg_prob": "share of patches on foreground, 33% as nnU-Net"}
     help_text = build_parser(ToyConfig, "toy").format_help()
     assert "initial learning rate (default: 0.01)" in help_text
     assert "patch size z,y,x (default: 64,64,64)" in help_text
+    assert "33% as nnU-Net" in help_text
 
 
 def test_only_explicit_flags_are_returned_and_parsed_by_type():

@@ -88,7 +88,7 @@ class Config:
     deterministic: bool = False  # force deterministic kernels on CUDA (slower; CPU runs are deterministic anyway)
 
 
-# Without --data-dir the recipe trains on the phantom in ~13 minutes on 2 CPU cores: smaller patches, a
+# Without --data-dir the recipe trains on the phantom in ~14 minutes on 2 CPU cores: smaller patches, a
 # narrower network, 800 steps instead of 250,000, AdamW (further than SGD in few steps), more patches on
 # the rare tumour, and the liver's post-processing (one connected organ) with mirroring at the end.
 SYNTHETIC_PROFILE = dict(

@@ -15,7 +15,6 @@ normalisation and the chosen threshold, so inference needs nothing else.
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,9 +29,10 @@ from data.rsna import ChestXrayDataset, cache_images, image_statistics, read_rsn
 from data.samplers import WeightedClassSampler
 from data.synthetic.rsna import ensure_rsna_phantom
 from engine.cam import box_area_fraction, cam_mass_in_boxes, class_activation_maps, grad_cams, save_cam_overlay
-from engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.classification import classification_metrics, predict_probabilities
-from engine.config import build_parser, config_from_dict, read_config_file, save_config
+from engine.config import parse_config as parse_config_with_profile
+from engine.config import save_config
 from engine.logging import RunLogger
 from engine.runtime import amp_dtype_for, pick_device, seed_everything, worker_init
 from engine.schedules import cosine_schedule
@@ -98,21 +98,7 @@ SYNTHETIC_PROFILE = dict(
 
 
 def parse_config(argv: list[str]) -> tuple[Config, str | None]:
-    """Defaults <- synthetic profile <- --config file or the checkpoint's config <- explicit flags."""
-    parser = build_parser(Config, __doc__)
-    parser.add_argument("--config", help="start from a saved RUN/config.json; explicit flags override it")
-    parser.add_argument("--resume", help="continue from RUN/last.pt with its config; explicit flags "
-                                         "(e.g. --epochs) override it")
-    flags = vars(parser.parse_args(argv))
-    config_file, resume = flags.pop("config", None), flags.pop("resume", None)
-    if resume:
-        values = load_checkpoint(resume)["config"]
-    elif config_file:
-        values = read_config_file(config_file)
-    else:
-        values = dict(SYNTHETIC_PROFILE) if flags.get("data_dir") is None else {}
-    values.update(flags)
-    config = config_from_dict(Config, values)
+    config, resume = parse_config_with_profile(Config, argv, __doc__, SYNTHETIC_PROFILE)
     if config.balance not in ("sampler", "pos_weight", "none"):
         raise SystemExit(f"--balance {config.balance}: choose sampler, pos_weight or none")
     if config.cam not in ("cam", "gradcam"):
@@ -246,16 +232,9 @@ def main(argv: list[str]) -> dict:
     optimizer, scheduler = build_optimizer(config, model, config.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and amp_dtype == torch.float16)
 
-    # Resume: every state that shapes the following steps.
     start_epoch, best_auc = 0, -1.0
-    if resume:
-        checkpoint = load_checkpoint(resume, map_location=device)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        restore_rng_state(checkpoint["rng"])
-        start_epoch, best_auc = checkpoint["epoch"] + 1, checkpoint["best_auc"]
+    if resume:  # every state that shapes the following steps: weights, optimizer, schedule, scaler, RNGs
+        start_epoch, best_auc = resume_training(resume, model, optimizer, scheduler, scaler, device)
         logger.info(f"resumed from {resume} at epoch {start_epoch + 1}")
 
     train_model = model  # the plain model is what we save: its state_dict loads anywhere
@@ -263,11 +242,9 @@ def main(argv: list[str]) -> dict:
         train_model = torch.compile(model)
 
     def checkpoint_state(epoch: int, threshold: float) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                "best_auc": best_auc, "config": dataclasses.asdict(config), "image_size": config.image_size,
-                "normalization": {"mean": mean, "std": std}, "threshold": threshold, "task": "pneumonia",
-                "rng": capture_rng_state()}
+        return training_state(model, optimizer, scheduler, scaler, epoch, best_auc,
+                              config=dataclasses.asdict(config), image_size=config.image_size,
+                              normalization={"mean": mean, "std": std}, threshold=threshold, task="pneumonia")
 
     # Epoch loop: train, validate every val_every epochs and after the last, checkpoint every epoch.
     validation, threshold = None, 0.5

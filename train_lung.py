@@ -26,10 +26,11 @@ from data.augment2d import Augment2DConfig
 from data.samplers import WeightedSliceSampler
 from data.slices import SliceDataset
 from data.synthetic.lung import ensure_lung_phantom
-from engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from engine.config import build_parser, config_from_dict, read_config_file, save_config
+from engine.checkpoint import resume_training, save_checkpoint, training_state
+from engine.config import parse_config, save_config
 from engine.logging import RunLogger
-from engine.recipe2d import build_loss, build_optimizer, num_outputs, prepare_volumes, validate_volumes, \
+from engine.optim import build_optimizer
+from engine.recipe2d import build_loss, num_outputs, prepare_volumes, validate_volumes, \
     write_metrics
 from engine.runtime import amp_dtype_for, pick_device, seed_everything, worker_init
 from engine.train import train_one_epoch
@@ -93,28 +94,8 @@ SYNTHETIC_PROFILE = dict(
     batch_size=16, lr=3e-3, warmup_steps=30, workers=1)
 
 
-def parse_config(argv: list[str]) -> tuple[Config, str | None]:
-    """Defaults <- synthetic profile <- --config file or the checkpoint's config <- explicit flags."""
-    parser = build_parser(Config, __doc__)
-    parser.add_argument("--config", help="start from a saved RUN/config.json; explicit flags override it")
-    parser.add_argument("--resume", help="continue from RUN/last.pt with its config; explicit flags "
-                                         "(e.g. --epochs) override it")
-    flags = vars(parser.parse_args(argv))
-    config_file, resume = flags.pop("config", None), flags.pop("resume", None)
-    if resume:
-        values = load_checkpoint(resume)["config"]
-    elif config_file:
-        values = read_config_file(config_file)
-    else:
-        values = dict(SYNTHETIC_PROFILE) if flags.get("data_dir") is None else {}
-    values.update(flags)
-    if "image_size" in values and len(values["image_size"]) == 1:
-        values["image_size"] = tuple(values["image_size"]) * 2
-    return config_from_dict(Config, values), resume
-
-
 def main(argv: list[str]) -> dict:
-    config, resume = parse_config(argv)
+    config, resume = parse_config(Config, argv, __doc__, SYNTHETIC_PROFILE)
     out = Path(config.out)
     if (out / "last.pt").exists() and resume is None:
         raise SystemExit(f"{out} already holds a run (last.pt). Continue it with --resume {out / 'last.pt'} "
@@ -152,20 +133,13 @@ def main(argv: list[str]) -> dict:
     memory_format = torch.contiguous_format if device.type == "mps" else torch.channels_last
     model = model.to(device, memory_format=memory_format)
     loss_fn = build_loss(config.loss, outputs)
-    optimizer, scheduler = build_optimizer(model, config.optimizer, config.lr, config.momentum, config.weight_decay,
+    optimizer, scheduler = build_optimizer(model.parameters(), config.optimizer, config.lr, config.momentum, config.weight_decay,
                                            config.schedule, config.epochs * steps_per_epoch, config.warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and amp_dtype == torch.float16)
 
-    # Resume: every state that shapes the following steps.
     start_epoch, best_dice = 0, -1.0
-    if resume:
-        checkpoint = load_checkpoint(resume, map_location=device)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        restore_rng_state(checkpoint["rng"])
-        start_epoch, best_dice = checkpoint["epoch"] + 1, checkpoint["best_dice"]
+    if resume:  # every state that shapes the following steps: weights, optimizer, schedule, scaler, RNGs
+        start_epoch, best_dice = resume_training(resume, model, optimizer, scheduler, scaler, device)
         logger.info(f"resumed from {resume} at epoch {start_epoch + 1}")
 
     train_model = model  # the plain model is what we save: its state_dict loads anywhere
@@ -173,11 +147,9 @@ def main(argv: list[str]) -> dict:
         train_model = torch.compile(model)
 
     def checkpoint_state(epoch: int) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                "best_dice": best_dice, "config": dataclasses.asdict(config), "plan": plan.to_dict(),
-                "labels": {str(k): v for k, v in dataset.labels.items()}, "task": "lung",
-                "rng": capture_rng_state()}
+        return training_state(model, optimizer, scheduler, scaler, epoch, best_dice,
+                              config=dataclasses.asdict(config), plan=plan.to_dict(), task="lung",
+                              labels={str(k): v for k, v in dataset.labels.items()})
 
     def validate(epoch: int, save_dir: Path | None = None) -> dict:
         return validate_volumes(train_model, entry, val_ids, dataset.labels, outputs, config.slice_axis,

@@ -19,7 +19,6 @@ from data.preprocess import load_preprocessed_case, plan_preprocessing, preproce
 from data.splits import split_cases
 from engine.logging import RunLogger
 from engine.runtime import metric_key
-from engine.schedules import cosine_schedule, poly_schedule
 from engine.slicewise import evaluate_slicewise, montage, save_montage
 from losses import BCEDiceLoss, BCELoss, DiceCELoss, DiceLoss
 
@@ -74,19 +73,6 @@ def build_loss(name: str, outputs: int) -> torch.nn.Module:
     if name == "bce":
         raise SystemExit("--loss bce needs one foreground class; use dice or bce_dice for several.")
     return DiceLoss(batch_dice=True) if name == "dice" else DiceCELoss(batch_dice=True)
-
-
-def build_optimizer(model: torch.nn.Module, name: str, lr: float, momentum: float, weight_decay: float,
-                    schedule: str, total_steps: int, warmup_steps: int):
-    """SGD (Nesterov) or AdamW, with a poly or cosine (warm-up) schedule stepped per iteration."""
-    if name == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True,
-                                    weight_decay=weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    if schedule == "poly":
-        return optimizer, poly_schedule(optimizer, total_steps)
-    return optimizer, cosine_schedule(optimizer, total_steps, warmup_steps)
 
 
 def validate_volumes(model, entry: Path, val_ids: list[str], labels: dict[int, str], outputs: int, axis: int,

@@ -24,12 +24,11 @@ from data.samplers import WeightedSliceSampler
 from data.slices import SliceDataset
 from data.synthetic.heart import ensure_heart_phantom
 from engine.checkpoint import resume_training, save_checkpoint, training_state
-from engine.config import parse_config, save_config
-from engine.logging import RunLogger
+from engine.config import parse_config
 from engine.optim import build_optimizer
 from engine.recipe2d import build_loss, num_outputs, prepare_volumes, validate_volumes, \
     write_metrics
-from engine.runtime import amp_dtype_for, pick_device, seed_everything, worker_init
+from engine.runtime import start_run, worker_init
 from engine.train import train_one_epoch
 from models import UNet
 
@@ -92,16 +91,7 @@ SYNTHETIC_PROFILE = dict(
 
 def main(argv: list[str]) -> dict:
     config, resume = parse_config(Config, argv, __doc__, SYNTHETIC_PROFILE)
-    out = Path(config.out)
-    if (out / "last.pt").exists() and resume is None:
-        raise SystemExit(f"{out} already holds a run (last.pt). Continue it with --resume {out / 'last.pt'} "
-                         "or choose another --out.")
-    device = pick_device(config.device)
-    amp_dtype = amp_dtype_for(device, config.amp_dtype)
-    seed_everything(config.seed, deterministic=config.deterministic or device.type == "cpu")
-    logger = RunLogger(out)
-    save_config(config, out / "config.json")
-    logger.info(f"device {device}, amp {config.amp} ({amp_dtype}), run folder {out}")
+    out, device, amp_dtype, logger = start_run(config, resume)
 
     # Data: every slice of the training volumes, read from the memory-mapped cache; the sampler hands
     # (epoch, index, slice) keys to the workers, so every sample is reproducible whatever the workers.

@@ -27,13 +27,12 @@ from data.preprocess import load_preprocessed_case, plan_preprocessing, preproce
 from data.splits import split_cases
 from data.synthetic.liver import ensure_liver_phantom
 from engine.checkpoint import resume_training, save_checkpoint, training_state
-from engine.config import parse_config, save_config
+from engine.config import parse_config
 from engine.evaluate import evaluate
 from engine.logging import RunLogger, foreground_slice_index, overlay_slice
 from engine.optim import build_optimizer
 from engine.postprocess import keep_largest_foreground
-from engine.runtime import (amp_dtype_for, has_fast_cpu_bf16, metric_key, pick_device, seed_everything,
-                            worker_init)
+from engine.runtime import metric_key, start_run, worker_init
 from engine.train import train_one_epoch
 from losses import DeepSupervisionLoss, DiceCELoss
 from models import UNet
@@ -160,18 +159,7 @@ def write_metrics(validation: dict, labels: dict[int, str], out: Path) -> None:
 
 def main(argv: list[str]) -> dict:
     config, resume = parse_config(Config, argv, __doc__, SYNTHETIC_PROFILE)
-    out = Path(config.out)
-    if (out / "last.pt").exists() and resume is None:
-        raise SystemExit(f"{out} already holds a run (last.pt). Continue it with --resume {out / 'last.pt'} "
-                         "or choose another --out.")
-    device = pick_device(config.device)
-    amp_dtype = amp_dtype_for(device, config.amp_dtype)
-    seed_everything(config.seed, deterministic=config.deterministic or device.type == "cpu")
-    logger = RunLogger(out)
-    save_config(config, out / "config.json")
-    logger.info(f"device {device}, amp {config.amp} ({amp_dtype}), run folder {out}")
-    if config.amp and device.type == "cpu" and not has_fast_cpu_bf16():
-        logger.info("warning: this CPU has no native bf16 kernels, so --amp runs far slower than fp32 here")
+    out, device, amp_dtype, logger = start_run(config, resume)
 
     # Data: patches drawn from the memory-mapped cache; the sampler hands (epoch, index) keys to the
     # workers, so every patch is reproducible whatever the number of workers or a resume.

@@ -32,9 +32,8 @@ from engine.cam import box_area_fraction, cam_mass_in_boxes, class_activation_ma
 from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.classification import classification_metrics, predict_probabilities
 from engine.config import parse_config as parse_config_with_profile
-from engine.config import save_config
 from engine.logging import RunLogger
-from engine.runtime import amp_dtype_for, pick_device, seed_everything, worker_init
+from engine.runtime import start_run, worker_init
 from engine.schedules import cosine_schedule
 from engine.train import train_one_epoch
 from losses import BCELoss
@@ -183,16 +182,7 @@ def draw_activation_maps(model, dataset: ChestXrayDataset, validation: dict, pat
 
 def main(argv: list[str]) -> dict:
     config, resume = parse_config(argv)
-    out = Path(config.out)
-    if (out / "last.pt").exists() and resume is None:
-        raise SystemExit(f"{out} already holds a run (last.pt). Continue it with --resume {out / 'last.pt'} "
-                         "or choose another --out.")
-    device = pick_device(config.device)
-    amp_dtype = amp_dtype_for(device, config.amp_dtype)
-    seed_everything(config.seed, deterministic=config.deterministic or device.type == "cpu")
-    logger = RunLogger(out)
-    save_config(config, out / "config.json")
-    logger.info(f"device {device}, amp {config.amp} ({amp_dtype}), run folder {out}")
+    out, device, amp_dtype, logger = start_run(config, resume)
 
     # Data: one uint8 cache of every film; normalisation from the training split, kept in checkpoints.
     patients, images, source_shapes, labels, train_indices, val_indices = prepare_data(config, logger)

@@ -2,9 +2,13 @@
 
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from engine.config import save_config
+from engine.logging import RunLogger
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -71,3 +75,26 @@ def worker_init(worker_id: int) -> None:
 def metric_key(label_name: str) -> str:
     """``dice_<label>`` with the label in lower case and spaces as underscores."""
     return "dice_" + label_name.strip().lower().replace(" ", "_")
+
+
+def start_run(config, resume: str | None) -> tuple[Path, torch.device, torch.dtype, RunLogger]:
+    """Open the run folder ``config.out`` and set up the process for a recipe: device, AMP dtype,
+    seeds and backend flags, logger, ``config.json``. Refuses a folder that already holds a run
+    unless it is being resumed, so a finished run is never overwritten by accident.
+
+    Returns:
+        (run folder, device, autocast dtype, logger)
+    """
+    out = Path(config.out)
+    if (out / "last.pt").exists() and resume is None:
+        raise SystemExit(f"{out} already holds a run (last.pt). Continue it with --resume {out / 'last.pt'} "
+                         "or choose another --out.")
+    device = pick_device(config.device)
+    amp_dtype = amp_dtype_for(device, config.amp_dtype)
+    seed_everything(config.seed, deterministic=config.deterministic or device.type == "cpu")
+    logger = RunLogger(out)
+    save_config(config, out / "config.json")
+    logger.info(f"device {device}, amp {config.amp} ({amp_dtype}), run folder {out}")
+    if config.amp and device.type == "cpu" and not has_fast_cpu_bf16():
+        logger.info("warning: this CPU has no native bf16 kernels, so --amp runs far slower than fp32 here")
+    return out, device, amp_dtype, logger

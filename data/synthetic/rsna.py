@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from data.synthetic.msd_layout import ensure_dataset
 
-GENERATOR_VERSION = 1  # bump when the drawing changes, so cached phantoms are regenerated
+GENERATOR_VERSION = 2  # bump when the drawing changes, so cached phantoms are regenerated
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 POSITIVE_FRACTION = 0.22  # RSNA: 6,012 of 26,684 patients
 NOT_NORMAL_FRACTION = 0.35  # share of negatives labelled "No Lung Opacity / Not Normal"
@@ -118,7 +118,8 @@ def _draw_opacities(rng: np.random.Generator, attenuation: np.ndarray, lungs: np
         # Patchy airspace disease: a blotchy texture, kept inside the lung it arose in.
         texture = np.clip(1 + 0.6 * _smooth_noise(rng, (matrix, matrix), 16), 0.2, None)
         inside = ndimage.gaussian_filter((lungs & (blob > 0.05)).astype(np.float32), matrix / 150)
-        faintness = rng.uniform(0.06, 0.32)  # the weakest are barely visible under ribs and noise
+        # Most opacities are plain to a radiologist; one in six is barely visible under ribs and noise.
+        faintness = rng.uniform(0.05, 0.12) if rng.random() < 1 / 6 else rng.uniform(0.15, 0.4)
         attenuation += faintness * blob * texture * inside
         rows, cols = np.nonzero((blob > 0.3) & lungs)
         if len(rows) == 0:

@@ -6,31 +6,20 @@
     python train_atrium.py --config runs/atrium/config.json --out runs/again --seed 1   # rerun a config
 
 The network sees one slice at a time; it is judged on the stacked volume (3D Dice per case). MRI has
-no absolute intensity scale, so each volume is z-scored on its own. The recipe, top to bottom:
-config -> data (preprocess once, cache; slices) -> model -> loss -> optimizer -> resume -> compile ->
-epoch loop (train, validate, checkpoint) -> final validation -> metrics.json.
+no absolute intensity scale, so each volume is z-scored on its own. The recipe, shared with
+the other 2D script and read top to bottom in `engine/recipe2d.py` (`train_slice_segmentation`): config
+-> data (preprocess once, cache; slices) -> model -> loss -> optimizer -> resume -> compile -> epoch
+loop (train, validate, checkpoint) -> final validation -> metrics.json.
 """
 
-import dataclasses
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from data.augment2d import Augment2DConfig
-from data.samplers import WeightedSliceSampler
-from data.slices import SliceDataset
 from data.synthetic.heart import ensure_heart_phantom
-from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.config import parse_config
-from engine.optim import build_optimizer
-from engine.recipe2d import build_loss, num_outputs, prepare_volumes, validate_volumes, \
-    write_metrics
-from engine.runtime import start_run, worker_init
-from engine.train import train_one_epoch
-from models import UNet
+from engine.recipe2d import train_slice_segmentation
 
 
 @dataclass
@@ -72,6 +61,7 @@ class Config:
     # validation
     val_every: int = 10  # validate every N epochs; always after the last epoch
     largest_component: bool = True  # keep only the largest connected 3D component: there is one left atrium
+    nsd_tolerance_mm: float = 2.0  # normalised surface Dice counts boundary voxels within this distance as correct
     # hardware and reproducibility
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, cuda:1, mps or cpu
     amp: bool = False  # mixed precision: fp16 autocast + GradScaler on CUDA, bf16 on CPU
@@ -91,84 +81,11 @@ SYNTHETIC_PROFILE = dict(
 
 def main(argv: list[str]) -> dict:
     config, resume = parse_config(Config, argv, __doc__, SYNTHETIC_PROFILE)
-    out, device, amp_dtype, logger = start_run(config, resume)
 
-    # Data: every slice of the training volumes, read from the memory-mapped cache; the sampler hands
-    # (epoch, index, slice) keys to the workers, so every sample is reproducible whatever the workers.
     def make_phantom(root: Path) -> Path:
         return ensure_heart_phantom(root, num_cases=config.synthetic_cases, matrix=config.synthetic_matrix)
 
-    dataset, plan, entry, train_ids, val_ids = prepare_volumes(
-        config.data_dir, make_phantom, config.cache_dir, config.val_fraction, config.split_seed, config.fold,
-        config.spacing, None, config.workers, logger)
-    train_data = SliceDataset(entry, train_ids, config.slice_axis, config.image_size, config.fit, config.augment,
-                              config.seed)
-    sampler = WeightedSliceSampler(train_data.slice_has_foreground, config.samples_per_epoch,
-                                   config.foreground_share, config.seed)
-    loader = torch.utils.data.DataLoader(
-        train_data, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
-        worker_init_fn=worker_init, prefetch_factor=4 if config.workers > 0 else None)
-    steps_per_epoch = len(loader)
-
-    # Model, loss, optimizer: one sigmoid logit for the one foreground class.
-    outputs = num_outputs(dataset.labels)
-    model = UNet(spatial_dims=2, in_channels=len(dataset.modality), num_classes=outputs,
-                 base_channels=config.base_channels, depth=config.depth, max_channels=config.max_channels,
-                 norm=config.norm, upsample=config.upsample)
-    memory_format = torch.contiguous_format if device.type == "mps" else torch.channels_last
-    model = model.to(device, memory_format=memory_format)
-    loss_fn = build_loss(config.loss, outputs)
-    optimizer, scheduler = build_optimizer(model.parameters(), config.optimizer, config.lr, config.momentum, config.weight_decay,
-                                           config.schedule, config.epochs * steps_per_epoch, config.warmup_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and amp_dtype == torch.float16)
-
-    start_epoch, best_dice = 0, -1.0
-    if resume:  # every state that shapes the following steps: weights, optimizer, schedule, scaler, RNGs
-        start_epoch, best_dice = resume_training(resume, model, optimizer, scheduler, scaler, device)
-        logger.info(f"resumed from {resume} at epoch {start_epoch + 1}")
-
-    train_model = model  # the plain model is what we save: its state_dict loads anywhere
-    if config.compile:
-        train_model = torch.compile(model)
-
-    def checkpoint_state(epoch: int) -> dict:
-        return training_state(model, optimizer, scheduler, scaler, epoch, best_dice,
-                              config=dataclasses.asdict(config), plan=plan.to_dict(), task="atrium",
-                              labels={str(k): v for k, v in dataset.labels.items()})
-
-    def validate(epoch: int, save_dir: Path | None = None) -> dict:
-        return validate_volumes(train_model, entry, val_ids, dataset.labels, outputs, config.slice_axis,
-                                config.image_size, config.fit, config.largest_component, device, config.amp,
-                                amp_dtype, logger, epoch, save_dir)
-
-    # Epoch loop: train, validate every val_every epochs and after the last, checkpoint every epoch.
-    validation = None
-    for epoch in range(start_epoch, config.epochs):
-        sampler.set_epoch(epoch)
-        started = time.perf_counter()
-        stats = train_one_epoch(train_model, loader, loss_fn, optimizer, scheduler, scaler, device,
-                                config.amp, amp_dtype, config.grad_clip, memory_format,
-                                description=f"epoch {epoch + 1}/{config.epochs}")
-        logger.scalars(stats, epoch, prefix="train/")
-        logger.info(f"epoch {epoch + 1}/{config.epochs}: loss {stats['loss']:.4f}, lr {stats['lr']:.2e}, "
-                    f"{stats['samples_per_s']:.1f} slices/s, data wait {100 * stats['data_wait_fraction']:.0f}%")
-        record = {"epoch": epoch, **stats, "epoch_time_s": time.perf_counter() - started}
-        last_epoch = epoch == config.epochs - 1
-        if (epoch + 1) % config.val_every == 0 or last_epoch:
-            validation = validate(epoch, save_dir=out / "predictions" if last_epoch else None)
-            record.update(validation["scores"])
-            if validation["scores"]["dice"] > best_dice:
-                best_dice = validation["scores"]["dice"]
-                save_checkpoint(checkpoint_state(epoch), out / "best.pt")
-        save_checkpoint(checkpoint_state(epoch), out / "last.pt")
-        logger.record(record)
-
-    if validation is None:  # resumed after the last epoch: nothing left to train, validate once
-        validation = validate(config.epochs - 1, save_dir=out / "predictions")
-    write_metrics(validation, dataset.labels, out)
-    logger.close()
-    return validation["scores"]
+    return train_slice_segmentation(config, resume, make_phantom, task="atrium")
 
 
 if __name__ == "__main__":

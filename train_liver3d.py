@@ -32,7 +32,7 @@ from engine.evaluate import evaluate
 from engine.logging import RunLogger, foreground_slice_index, overlay_slice
 from engine.optim import build_optimizer
 from engine.postprocess import keep_largest_foreground
-from engine.runtime import metric_key, start_run, worker_init
+from engine.runtime import metric_key, start_run, surface_scores, worker_init
 from engine.train import train_one_epoch
 from losses import DeepSupervisionLoss, DiceCELoss
 from models import UNet
@@ -77,6 +77,7 @@ class Config:
     overlap: float = 0.5  # sliding-window overlap between neighbouring windows (fraction of the patch)
     tta: bool = False  # mirroring test-time augmentation at the final validation (8 flips in 3D: 8x slower)
     keep_largest: bool = False  # keep the largest connected foreground component (one organ, e.g. liver)
+    nsd_tolerance_mm: float = 2.0  # normalised surface Dice counts boundary voxels within this distance as correct
     # hardware and reproducibility
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, cuda:1, mps or cpu
     amp: bool = False  # mixed precision: fp16 autocast + GradScaler on CUDA, bf16 on CPU
@@ -117,10 +118,11 @@ def prepare_data(config: Config, logger: RunLogger):
     return dataset, plan, entry, train_ids, val_ids
 
 
-def validate(model, entry: Path, val_ids: list[str], labels: dict[int, str], config: Config,
-             device: torch.device, amp_dtype: torch.dtype, logger: RunLogger, epoch: int,
+def validate(model, entry: Path, val_ids: list[str], labels: dict[int, str], spacing: tuple[float, ...],
+             config: Config, device: torch.device, amp_dtype: torch.dtype, logger: RunLogger, epoch: int,
              save_dir: Path | None = None) -> dict:
-    """Whole-volume validation on the preprocessed grid: mean Dice per class over the cases.
+    """Whole-volume validation on the preprocessed grid (voxels of ``spacing`` mm): mean Dice, HD95
+    and normalised surface Dice per class over the cases.
     Draws the first case into TensorBoard. The final validation (``save_dir`` given) mirrors when
     ``config.tta`` and writes every prediction as NIfTI in the source image's geometry, so it
     overlays the original CT in ITK-SNAP or 3D Slicer."""
@@ -139,21 +141,25 @@ def validate(model, entry: Path, val_ids: list[str], labels: dict[int, str], con
     results = evaluate(model, cases, len(labels), config.patch, device, config.amp, amp_dtype,
                        overlap=config.overlap, mirror_axes=(0, 1, 2) if config.tta and save_dir else (),
                        postprocess=keep_largest_foreground if config.keep_largest else None,
-                       on_prediction=on_prediction)
+                       on_prediction=on_prediction, spacing=spacing, tolerance_mm=config.nsd_tolerance_mm)
     scores = {metric_key(labels[k]): v for k, v in results["mean"].items()}
     scores["dice_mean"] = float(np.mean(list(scores.values())))
+    scores.update(surface_scores(results["surface_mean"], labels))
     logger.scalars(scores, epoch, prefix="val/")
     logger.info("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-    return {"scores": scores, "per_case": results["per_case"]}
+    return {"scores": scores, "per_case": results["per_case"], "surface_per_case": results["surface_per_case"]}
 
 
 def write_metrics(validation: dict, labels: dict[int, str], out: Path) -> None:
-    """metrics.json (flat numeric keys) and dice_per_case.csv from the final validation."""
+    """metrics.json (flat numeric keys) and dice_per_case.csv (Dice, HD95 in mm and NSD of each
+    class) from the final validation."""
     (out / "metrics.json").write_text(json.dumps(validation["scores"], indent=2) + "\n")
     classes = [k for k in sorted(labels) if k > 0]
-    rows = ["case," + ",".join(metric_key(labels[k]) for k in classes)]
+    rows = ["case," + ",".join(metric_key(labels[k], metric) for metric in ("dice", "hd95", "nsd") for k in classes)]
     for case_id, dice in validation["per_case"].items():
-        rows.append(case_id + "," + ",".join(f"{dice[k]:.6f}" for k in classes))
+        surface = validation["surface_per_case"][case_id]
+        values = [dice[k] for k in classes] + [surface[k][key] for key in ("hd95_mm", "nsd") for k in classes]
+        rows.append(case_id + "," + ",".join(f"{value:.6f}" for value in values))
     (out / "dice_per_case.csv").write_text("\n".join(rows) + "\n")
 
 
@@ -215,8 +221,8 @@ def main(argv: list[str]) -> dict:
         record = {"epoch": epoch, **stats, "epoch_time_s": time.perf_counter() - started}
         last_epoch = epoch == config.epochs - 1
         if (epoch + 1) % config.val_every == 0 or last_epoch:
-            validation = validate(train_model, entry, val_ids, dataset.labels, config, device, amp_dtype,
-                                  logger, epoch, save_dir=out / "predictions" if last_epoch else None)
+            validation = validate(train_model, entry, val_ids, dataset.labels, plan.target_spacing, config, device,
+                                  amp_dtype, logger, epoch, save_dir=out / "predictions" if last_epoch else None)
             record.update(validation["scores"])
             if validation["scores"]["dice_mean"] > best_dice:
                 best_dice = validation["scores"]["dice_mean"]
@@ -225,8 +231,8 @@ def main(argv: list[str]) -> dict:
         logger.record(record)
 
     if validation is None:  # resumed after the last epoch: nothing left to train, validate once
-        validation = validate(train_model, entry, val_ids, dataset.labels, config, device, amp_dtype,
-                              logger, config.epochs - 1, save_dir=out / "predictions")
+        validation = validate(train_model, entry, val_ids, dataset.labels, plan.target_spacing, config, device,
+                              amp_dtype, logger, config.epochs - 1, save_dir=out / "predictions")
     write_metrics(validation, dataset.labels, out)
     logger.close()
     return validation["scores"]

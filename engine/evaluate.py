@@ -1,6 +1,6 @@
 """Validation on whole volumes: sliding-window prediction of each case, then Dice per case and class."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from engine.inference import sliding_window_inference
 from engine.metrics import dice_per_class
+from engine.surface_metrics import mean_surface_metrics, surface_metrics_per_class
 
 
 def predict_volume(model, image: np.ndarray, roi_size: tuple[int, ...], num_classes: int,
@@ -49,7 +50,7 @@ def evaluate(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], num_cla
              roi_size: tuple[int, ...], device: torch.device, amp: bool, amp_dtype: torch.dtype,
              overlap: float = 0.5, batch_size: int = 2, mirror_axes: tuple[int, ...] = (),
              postprocess: Callable | None = None, on_prediction: Callable | None = None,
-             progress: bool = True) -> dict:
+             spacing: Sequence[float] | None = None, tolerance_mm: float = 2.0, progress: bool = True) -> dict:
     """Predict every validation case whole and score it.
 
     Args:
@@ -58,13 +59,16 @@ def evaluate(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], num_cla
         postprocess: applied to each predicted label map before scoring, e.g. ``keep_largest_foreground``.
         on_prediction: called as ``on_prediction(case_id, image, label, prediction)``, e.g. to save
             the prediction or draw an overlay.
+        spacing: voxel size in mm of the preprocessed grid; given, each case is also scored with
+            HD95, normalised surface Dice at ``tolerance_mm`` and volumes (`engine/surface_metrics.py`).
     Returns:
-        ``{"per_case": {case_id: {class: dice}}, "mean": {class: dice}}``. Dice follows
-        ``dice_per_class``: a class absent from reference and prediction scores 1, absent from the
-        reference only 0, so the means never hold NaN.
+        ``{"per_case": {case_id: {class: dice}}, "mean": {class: dice}}``, with ``spacing`` also
+        ``"surface_per_case": {case_id: {class: {metric: value}}}`` and ``"surface_mean": {class:
+        {metric: mean}}``. Dice follows ``dice_per_class``: a class absent from reference and
+        prediction scores 1, absent from the reference only 0, so the means never hold NaN.
     """
     model.eval()
-    per_case = {}
+    per_case, surface = {}, {}
     for case_id, image, label in tqdm(list(cases), desc="validate", leave=False, disable=not progress):
         prediction = predict_volume(model, image, roi_size, num_classes, device, amp, amp_dtype,
                                     overlap, batch_size, mirror_axes)
@@ -72,8 +76,13 @@ def evaluate(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], num_cla
             prediction = postprocess(prediction)
         label = np.asarray(label)
         per_case[case_id] = dice_per_class(prediction, label, max(num_classes, 2))
+        if spacing is not None:
+            surface[case_id] = surface_metrics_per_class(prediction, label, max(num_classes, 2), spacing, tolerance_mm)
         if on_prediction is not None:
             on_prediction(case_id, image, label, prediction)
     classes = sorted({k for scores in per_case.values() for k in scores})
     mean = {k: float(np.mean([scores[k] for scores in per_case.values()])) for k in classes}
-    return {"per_case": per_case, "mean": mean}
+    results = {"per_case": per_case, "mean": mean}
+    if spacing is not None:
+        results.update(surface_per_case=surface, surface_mean=mean_surface_metrics(surface))
+    return results

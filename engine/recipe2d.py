@@ -1,12 +1,13 @@
 """Steps shared by the 2D slice recipes (`train_atrium.py`, `train_lung.py`).
 
-Each recipe keeps its own config and its epoch loop in sight; what they do the same way lives here:
-reading and caching the volumes, the loss by name, the optimizer and schedule, volume-level
-validation with its pictures, and the metrics files.
+Both scripts keep their own config, defaults and phantom; the recipe they share lives here, top to
+bottom in `train_slice_segmentation`, over the steps it is made of: reading and caching the volumes,
+the loss by name, volume-level validation with its pictures, and the metrics files.
 """
 
 import dataclasses
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,11 +17,17 @@ import torch
 from data.intensity import ct_window_statistics
 from data.msd import DatasetError, read_msd_dataset
 from data.preprocess import load_preprocessed_case, plan_preprocessing, preprocess_dataset, save_prediction
+from data.samplers import WeightedSliceSampler
+from data.slices import SliceDataset
 from data.splits import split_cases
+from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.logging import RunLogger
-from engine.runtime import metric_key
+from engine.optim import build_optimizer
+from engine.runtime import metric_key, start_run, surface_scores, worker_init
 from engine.slicewise import evaluate_slicewise, montage, save_montage
+from engine.train import train_one_epoch
 from losses import BCEDiceLoss, BCELoss, DiceCELoss, DiceLoss
+from models import UNet
 
 LOSSES = ("dice", "bce", "bce_dice")
 
@@ -76,10 +83,11 @@ def build_loss(name: str, outputs: int) -> torch.nn.Module:
 
 
 def validate_volumes(model, entry: Path, val_ids: list[str], labels: dict[int, str], outputs: int, axis: int,
-                     image_size: tuple[int, int], fit: str, largest_component: bool, device: torch.device,
-                     amp: bool, amp_dtype: torch.dtype, logger: RunLogger, epoch: int,
-                     save_dir: Path | None = None) -> dict:
-    """Volume-level validation: every slice predicted, stacked, 3D Dice per case and class.
+                     image_size: tuple[int, int], fit: str, largest_component: bool, spacing: tuple[float, ...],
+                     tolerance_mm: float, device: torch.device, amp: bool, amp_dtype: torch.dtype,
+                     logger: RunLogger, epoch: int, save_dir: Path | None = None) -> dict:
+    """Volume-level validation: every slice predicted, stacked, 3D Dice, HD95 and normalised surface
+    Dice (at ``tolerance_mm``, on the grid of ``spacing`` mm) per case and class.
 
     The first case's montage goes to TensorBoard; with `save_dir`, every prediction is written as
     NIfTI in its source geometry (it overlays the original scan in ITK-SNAP or 3D Slicer) and as a
@@ -88,8 +96,9 @@ def validate_volumes(model, entry: Path, val_ids: list[str], labels: dict[int, s
     Returns:
         ``{"scores": flat metrics, "per_case": {case: {class: dice}}, "per_case_slice_averaged": ...}``;
         scores hold ``dice`` (mean 3D Dice of the foreground over cases; the mean over foreground
-        classes when there are several), ``dice_<label>``, ``dice_mean`` and
-        ``slice_averaged_dice`` (mean over slices, empty slices included: not a 3D figure).
+        classes when there are several), ``dice_<label>``, ``dice_mean``, ``slice_averaged_dice``
+        (mean over slices, empty slices included: not a 3D figure), ``hd95_<label>`` (mm) and
+        ``nsd_<label>``.
     """
     def on_prediction(case_id, image, label, prediction):
         if case_id == val_ids[0] or save_dir is not None:
@@ -106,26 +115,125 @@ def validate_volumes(model, entry: Path, val_ids: list[str], labels: dict[int, s
     cases = ((case_id, np.asarray(case.image), np.asarray(case.label)) for case_id in val_ids
              for case in [load_preprocessed_case(entry, case_id)])
     results = evaluate_slicewise(model, cases, outputs, axis, image_size, fit, device, amp, amp_dtype,
-                                 largest_component=largest_component, on_prediction=on_prediction)
+                                 largest_component=largest_component, on_prediction=on_prediction,
+                                 spacing=spacing, tolerance_mm=tolerance_mm)
     per_class = {metric_key(labels[k]): v for k, v in results["mean"].items()}
     scores = {"dice": float(np.mean(list(per_class.values()))), **per_class,
               "dice_mean": float(np.mean(list(per_class.values()))),
-              "slice_averaged_dice": float(np.mean(list(results["slice_averaged"].values())))}
+              "slice_averaged_dice": float(np.mean(list(results["slice_averaged"].values()))),
+              **surface_scores(results["surface_mean"], labels)}
     logger.scalars(scores, epoch, prefix="val/")
     logger.info("validation (3D Dice per case, mean): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     return {"scores": scores, "per_case": results["per_case"],
-            "per_case_slice_averaged": results["per_case_slice_averaged"]}
+            "per_case_slice_averaged": results["per_case_slice_averaged"],
+            "surface_per_case": results["surface_per_case"]}
 
 
 def write_metrics(validation: dict, labels: dict[int, str], out: Path) -> None:
-    """metrics.json (flat numeric keys) and dice_per_case.csv (3D Dice per class, then the
-    slice-averaged Dice per class, of every validation case)."""
+    """metrics.json (flat numeric keys) and dice_per_case.csv (3D Dice per class, the slice-averaged
+    Dice, HD95 in mm and NSD per class, of every validation case)."""
     (out / "metrics.json").write_text(json.dumps(validation["scores"], indent=2) + "\n")
     classes = [k for k in sorted(labels) if k > 0]
     names = [metric_key(labels[k]) for k in classes]
-    rows = ["case," + ",".join(names) + "," + ",".join(f"slice_averaged_{name}" for name in names)]
+    rows = ["case," + ",".join(names + [f"slice_averaged_{name}" for name in names]
+                               + [metric_key(labels[k], metric) for metric in ("hd95", "nsd") for k in classes])]
     for case_id, dice in validation["per_case"].items():
         slice_averaged = validation["per_case_slice_averaged"][case_id]
-        rows.append(case_id + "," + ",".join(f"{dice[k]:.6f}" for k in classes) + ","
-                    + ",".join(f"{slice_averaged[k]:.6f}" for k in classes))
+        surface = validation["surface_per_case"][case_id]
+        values = ([dice[k] for k in classes] + [slice_averaged[k] for k in classes]
+                  + [surface[k][key] for key in ("hd95_mm", "nsd") for k in classes])
+        rows.append(case_id + "," + ",".join(f"{value:.6f}" for value in values))
     (out / "dice_per_case.csv").write_text("\n".join(rows) + "\n")
+
+
+def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[[Path], Path], task: str,
+                             hu_window: tuple[float, ...] | None = None) -> dict:
+    """The 2D recipe of `train_atrium.py` and `train_lung.py`, top to bottom: data (preprocess once,
+    cache; slices) -> model -> loss -> optimizer -> resume -> compile -> epoch loop (train, validate,
+    checkpoint) -> final validation -> metrics.json.
+
+    Args:
+        config: the calling script's ``Config`` (its fields and their comments are the documentation).
+        resume: a ``last.pt`` to continue from, or None.
+        make_phantom: writes the synthetic task folder under a given root (used without --data-dir).
+        task: name stored in the checkpoints (``predict.py`` reads it).
+        hu_window: fixed Hounsfield window (lower, upper) for CT channels, or None.
+
+    Returns:
+        the flat validation scores written to metrics.json.
+    """
+    out, device, amp_dtype, logger = start_run(config, resume)
+
+    # Data: every slice of the training volumes, read from the memory-mapped cache; the sampler hands
+    # (epoch, index, slice) keys to the workers, so every sample is reproducible whatever the workers.
+    dataset, plan, entry, train_ids, val_ids = prepare_volumes(
+        config.data_dir, make_phantom, config.cache_dir, config.val_fraction, config.split_seed, config.fold,
+        config.spacing, hu_window, config.workers, logger)
+    train_data = SliceDataset(entry, train_ids, config.slice_axis, config.image_size, config.fit, config.augment,
+                              config.seed)
+    sampler = WeightedSliceSampler(train_data.slice_has_foreground, config.samples_per_epoch,
+                                   config.foreground_share, config.seed)
+    loader = torch.utils.data.DataLoader(
+        train_data, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
+        worker_init_fn=worker_init, prefetch_factor=4 if config.workers > 0 else None)
+    steps_per_epoch = len(loader)
+
+    # Model, loss, optimizer: one sigmoid logit for the one foreground class.
+    outputs = num_outputs(dataset.labels)
+    model = UNet(spatial_dims=2, in_channels=len(dataset.modality), num_classes=outputs,
+                 base_channels=config.base_channels, depth=config.depth, max_channels=config.max_channels,
+                 norm=config.norm, upsample=config.upsample)
+    memory_format = torch.contiguous_format if device.type == "mps" else torch.channels_last
+    model = model.to(device, memory_format=memory_format)
+    loss_fn = build_loss(config.loss, outputs)
+    optimizer, scheduler = build_optimizer(model.parameters(), config.optimizer, config.lr, config.momentum, config.weight_decay,
+                                           config.schedule, config.epochs * steps_per_epoch, config.warmup_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and amp_dtype == torch.float16)
+
+    start_epoch, best_dice = 0, -1.0
+    if resume:  # every state that shapes the following steps: weights, optimizer, schedule, scaler, RNGs
+        start_epoch, best_dice = resume_training(resume, model, optimizer, scheduler, scaler, device)
+        logger.info(f"resumed from {resume} at epoch {start_epoch + 1}")
+
+    train_model = model  # the plain model is what we save: its state_dict loads anywhere
+    if config.compile:
+        train_model = torch.compile(model)
+
+    def checkpoint_state(epoch: int) -> dict:
+        return training_state(model, optimizer, scheduler, scaler, epoch, best_dice,
+                              config=dataclasses.asdict(config), plan=plan.to_dict(), task=task,
+                              labels={str(k): v for k, v in dataset.labels.items()})
+
+    def validate(epoch: int, save_dir: Path | None = None) -> dict:
+        return validate_volumes(train_model, entry, val_ids, dataset.labels, outputs, config.slice_axis,
+                                config.image_size, config.fit, config.largest_component, plan.target_spacing,
+                                config.nsd_tolerance_mm, device, config.amp, amp_dtype, logger, epoch, save_dir)
+
+    # Epoch loop: train, validate every val_every epochs and after the last, checkpoint every epoch.
+    validation = None
+    for epoch in range(start_epoch, config.epochs):
+        sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        stats = train_one_epoch(train_model, loader, loss_fn, optimizer, scheduler, scaler, device,
+                                config.amp, amp_dtype, config.grad_clip, memory_format,
+                                description=f"epoch {epoch + 1}/{config.epochs}")
+        logger.scalars(stats, epoch, prefix="train/")
+        logger.info(f"epoch {epoch + 1}/{config.epochs}: loss {stats['loss']:.4f}, lr {stats['lr']:.2e}, "
+                    f"{stats['samples_per_s']:.1f} slices/s, data wait {100 * stats['data_wait_fraction']:.0f}%")
+        record = {"epoch": epoch, **stats, "epoch_time_s": time.perf_counter() - started}
+        last_epoch = epoch == config.epochs - 1
+        if (epoch + 1) % config.val_every == 0 or last_epoch:
+            validation = validate(epoch, save_dir=out / "predictions" if last_epoch else None)
+            record.update(validation["scores"])
+            if validation["scores"]["dice"] > best_dice:
+                best_dice = validation["scores"]["dice"]
+                save_checkpoint(checkpoint_state(epoch), out / "best.pt")
+        save_checkpoint(checkpoint_state(epoch), out / "last.pt")
+        logger.record(record)
+
+    if validation is None:  # resumed after the last epoch: nothing left to train, validate once
+        validation = validate(config.epochs - 1, save_dir=out / "predictions")
+    write_metrics(validation, dataset.labels, out)
+    logger.close()
+    return validation["scores"]

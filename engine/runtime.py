@@ -72,9 +72,16 @@ def worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def metric_key(label_name: str) -> str:
-    """``dice_<label>`` with the label in lower case and spaces as underscores."""
-    return "dice_" + label_name.strip().lower().replace(" ", "_")
+def metric_key(label_name: str, metric: str = "dice") -> str:
+    """``<metric>_<label>`` (e.g. ``dice_liver``, ``hd95_liver``) with the label in lower case and
+    spaces as underscores."""
+    return f"{metric}_" + label_name.strip().lower().replace(" ", "_")
+
+
+def surface_scores(surface_mean: dict[int, dict[str, float]], labels: dict[int, str]) -> dict[str, float]:
+    """Flat ``hd95_<label>`` (mm) and ``nsd_<label>`` keys from ``evaluate(...)["surface_mean"]``."""
+    return {metric_key(labels[k], name): values[key] for k, values in surface_mean.items()
+            for name, key in (("hd95", "hd95_mm"), ("nsd", "nsd"))}
 
 
 def start_run(config, resume: str | None) -> tuple[Path, torch.device, torch.dtype, RunLogger]:

@@ -11,7 +11,7 @@ Slices are fitted to the network exactly as in training (`data/augment2d.py`'s c
 grid; "crop" tiles the full-resolution slice with a sliding window.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from data.augment2d import SpatialTransform2D, fit_scale, make_coordinate_map_2d
 from engine.inference import sliding_window_inference
 from engine.logging import overlay_slice
 from engine.metrics import dice_per_class
+from engine.surface_metrics import mean_surface_metrics, surface_metrics_per_class
 
 
 def _normalised_grid(coordinates: np.ndarray, input_size: tuple[int, int]) -> torch.Tensor:
@@ -117,7 +118,8 @@ def slice_averaged_dice(prediction: np.ndarray, reference: np.ndarray, axis: int
 def evaluate_slicewise(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], num_classes: int, axis: int,
                        image_size: tuple[int, int], fit: str, device: torch.device, amp: bool,
                        amp_dtype: torch.dtype, largest_component: bool = False, batch_size: int = 16,
-                       on_prediction: Callable | None = None, progress: bool = True) -> dict:
+                       on_prediction: Callable | None = None, spacing: Sequence[float] | None = None,
+                       tolerance_mm: float = 2.0, progress: bool = True) -> dict:
     """Predict every validation case slice by slice and score the stacked volumes.
 
     Args:
@@ -125,15 +127,18 @@ def evaluate_slicewise(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]
         num_classes: model outputs (1 = one sigmoid logit for a binary task).
         largest_component: post-process with `keep_largest_component`.
         on_prediction: called as ``on_prediction(case_id, image, label, prediction)``.
+        spacing: voxel size (z, y, x) in mm; given, the stacked volumes are also scored with HD95,
+            normalised surface Dice at ``tolerance_mm`` and volumes (`engine/surface_metrics.py`).
 
     Returns:
         ``{"per_case": {case_id: {class: 3D dice}}, "mean": {class: mean 3D dice},
         "per_case_slice_averaged": {case_id: {class: slice-averaged dice}},
-        "slice_averaged": {class: its mean over cases}}``.
+        "slice_averaged": {class: its mean over cases}}``, with ``spacing`` also
+        ``"surface_per_case"`` and ``"surface_mean"`` as in `engine.evaluate.evaluate`.
     """
     model.eval()
     label_classes = max(num_classes, 2)
-    per_case, slice_averaged = {}, {}
+    per_case, slice_averaged, surface = {}, {}, {}
     for case_id, image, label in tqdm(list(cases), desc="validate", leave=False, disable=not progress):
         prediction = predict_volume_slicewise(model, image, axis, image_size, fit, num_classes, device, amp,
                                               amp_dtype, batch_size)
@@ -142,15 +147,20 @@ def evaluate_slicewise(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]
         label = np.asarray(label)
         per_case[case_id] = dice_per_class(prediction, label, label_classes)
         slice_averaged[case_id] = slice_averaged_dice(prediction, label, axis, label_classes)
+        if spacing is not None:
+            surface[case_id] = surface_metrics_per_class(prediction, label, label_classes, spacing, tolerance_mm)
         if on_prediction is not None:
             on_prediction(case_id, image, label, prediction)
     classes = sorted(next(iter(per_case.values())))
-    return {
+    results = {
         "per_case": per_case,
         "mean": {k: float(np.mean([scores[k] for scores in per_case.values()])) for k in classes},
         "per_case_slice_averaged": slice_averaged,
         "slice_averaged": {k: float(np.mean([scores[k] for scores in slice_averaged.values()])) for k in classes},
     }
+    if spacing is not None:
+        results.update(surface_per_case=surface, surface_mean=mean_surface_metrics(surface))
+    return results
 
 
 def montage(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, axis: int, num_slices: int = 8,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import train_atrium
+from engine import recipe2d
 
 TINY = ["--synthetic-matrix", "24", "--synthetic-cases", "5", "--image-size", "24", "--base-channels", "4",
         "--depth", "3", "--samples-per-epoch", "8", "--batch-size", "4", "--workers", "0", "--val-every", "1",
@@ -24,14 +25,17 @@ def run(out, cache_dir, *flags):
 
 def test_run_folder_metrics_and_predictions_in_source_geometry(tmp_path, cache_dir):
     metrics = run(tmp_path / "run", cache_dir, "--epochs", "2")
-    assert set(metrics) == {"dice", "dice_left_atrium", "dice_mean", "slice_averaged_dice"}
-    assert all(np.isfinite(v) and 0 <= v <= 1 for v in metrics.values())
+    assert set(metrics) == {"dice", "dice_left_atrium", "dice_mean", "slice_averaged_dice", "hd95_left_atrium",
+                            "nsd_left_atrium"}
+    assert all(np.isfinite(v) and 0 <= v <= 1 for k, v in metrics.items() if not k.startswith("hd95"))
+    assert np.isfinite(metrics["hd95_left_atrium"]) and metrics["hd95_left_atrium"] >= 0
     assert metrics["dice"] == metrics["dice_left_atrium"]
     out = tmp_path / "run"
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert {"config.json", "last.pt", "best.pt", "log.jsonl", "dice_per_case.csv"} <= {p.name for p in out.iterdir()}
     rows = (out / "dice_per_case.csv").read_text().splitlines()
-    assert rows[0] == "case,dice_left_atrium,slice_averaged_dice_left_atrium" and len(rows) == 2
+    assert rows[0] == "case,dice_left_atrium,slice_averaged_dice_left_atrium,hd95_left_atrium,nsd_left_atrium"
+    assert len(rows) == 2
     images = {p.name: p for p in (cache_dir / "synthetic").glob("*/imagesTr/*.nii.gz")}
     predictions = sorted((out / "predictions").glob("*.nii.gz"))
     assert len(predictions) == 1 and (out / "predictions" / predictions[0].name.replace(".nii.gz", ".png")).is_file()
@@ -43,14 +47,14 @@ def test_run_folder_metrics_and_predictions_in_source_geometry(tmp_path, cache_d
 
 def test_resume_finishes_the_same_run_and_existing_runs_are_kept(tmp_path, cache_dir, monkeypatch):
     full = run(tmp_path / "full", cache_dir, "--epochs", "2")
-    save_checkpoint = train_atrium.save_checkpoint
+    save_checkpoint = recipe2d.save_checkpoint
 
     def save_then_die(state, path):
         save_checkpoint(state, path)
         if path.name == "last.pt" and state["epoch"] == 0:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_atrium, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(recipe2d, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", cache_dir, "--epochs", "2")
     monkeypatch.undo()

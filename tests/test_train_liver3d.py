@@ -48,8 +48,9 @@ def test_resume_continues_the_same_loss_curve_and_runs_repeat(tmp_path, cache_di
     assert [r["epoch"] for r in cut_log] == [0, 2]  # the crash lost epoch 1's log line, not its weights
     assert cut_log[1]["loss"] == full_log[2]["loss"]
     assert resumed == full  # identical Dice: same seed, same numbers, interrupted or not
-    assert set(full) == {"dice_liver", "dice_cancer", "dice_mean"}
-    assert all(np.isfinite(v) and 0 <= v <= 1 for v in full.values())
+    assert set(full) == {"dice_liver", "dice_cancer", "dice_mean", "hd95_liver", "hd95_cancer", "nsd_liver",
+                         "nsd_cancer"}
+    assert all(np.isfinite(v) and (k.startswith("hd95") or 0 <= v <= 1) for k, v in full.items())
 
 
 def test_existing_run_is_not_overwritten(tmp_path, cache_dir):
@@ -96,7 +97,7 @@ def test_another_task_with_two_channels_and_one_foreground_class(tmp_path):
         "--data-dir", str(root), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
         "--patch", "8,16,16", "--base-channels", "4", "--depth", "2", "--epochs", "1",
         "--steps-per-epoch", "2", "--workers", "0", "--val-fraction", "0.25"])
-    assert set(metrics) == {"dice_gland", "dice_mean"}
+    assert set(metrics) == {"dice_gland", "dice_mean", "hd95_gland", "nsd_gland"}
 
 
 def test_every_flag_is_explained_in_help():

@@ -12,8 +12,8 @@ def test_tiny_phantom_run_scores_every_validation_case(tmp_path):
         "--synthetic-matrix", "32", "--synthetic-cases", "6", "--image-size", "16", "--base-channels", "4",
         "--depth", "3", "--samples-per-epoch", "8", "--batch-size", "4", "--workers", "0", "--epochs", "1",
         "--val-fraction", "0.5", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")])
-    assert set(metrics) == {"dice", "dice_tumour", "dice_mean", "slice_averaged_dice"}
-    assert all(np.isfinite(v) and 0 <= v <= 1 for v in metrics.values())
+    assert set(metrics) == {"dice", "dice_tumour", "dice_mean", "slice_averaged_dice", "hd95_tumour", "nsd_tumour"}
+    assert all(np.isfinite(v) and (k == "hd95_tumour" or 0 <= v <= 1) for k, v in metrics.items())
     assert len((tmp_path / "run" / "dice_per_case.csv").read_text().splitlines()) == 1 + 3
 
 

@@ -72,3 +72,17 @@ def test_montage_draws_slices_with_foreground(tmp_path):
     assert picture.dtype == np.uint8 and picture.shape == (11, 4 * 13, 3)
     save_montage(picture, tmp_path / "case.png")
     assert (tmp_path / "case.png").stat().st_size > 0
+
+
+def test_surface_metrics_of_the_stacked_volume_use_the_spacing():
+    reference = np.zeros((9, 12, 12), np.uint8)
+    reference[2:6, 3:8, 3:8] = 1
+    predicted = np.roll(reference, 1, axis=0)  # one slice off along z, 2.5 mm slices
+    cases = [("shifted", predicted[None].astype(np.float32), reference)]
+    results = evaluate_slicewise(Threshold(), cases, 1, 0, (12, 12), "resize", torch.device("cpu"), False,
+                                 torch.bfloat16, spacing=(2.5, 0.8, 0.8), tolerance_mm=2.0, progress=False)
+    surface = results["surface_per_case"]["shifted"][1]
+    assert surface["hd95_mm"] == 2.5  # every distance is 0 or one slice
+    assert 0 < surface["nsd"] < 1  # the slice shift exceeds the 2 mm tolerance on the caps only
+    assert surface["volume_difference_ml"] == 0.0
+    assert results["surface_mean"][1] == surface

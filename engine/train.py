@@ -10,12 +10,15 @@ from tqdm import tqdm
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device: torch.device,
                     amp: bool, amp_dtype: torch.dtype, grad_clip: float | None,
                     memory_format=torch.contiguous_format, progress: bool = True,
-                    description: str = "train") -> dict:
+                    description: str = "train", max_nonfinite_in_a_row: int = 20) -> dict:
     """Train ``model`` on every batch of ``loader`` once.
 
     The scheduler steps once per iteration (poly and cosine schedules are defined over iterations).
     Losses are accumulated on the device and read back only for the progress bar every few steps,
-    so the GPU is not forced to wait for the CPU after each step.
+    so the GPU is not forced to wait for the CPU after each step. A step whose loss is NaN or
+    infinite is skipped; ``max_nonfinite_in_a_row`` of them in a row stop the run (SystemExit with
+    what to try), and running out of GPU memory stops it with the settings to lower. Either way the
+    last completed epoch's checkpoint is untouched.
 
     Returns:
         dict with ``loss`` (mean over steps), ``lr`` (after the last step), ``steps``, ``samples_per_s``,
@@ -24,40 +27,51 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
-    steps = samples = nonfinite_steps = 0
+    steps = samples = nonfinite_steps = nonfinite_in_a_row = 0
     data_wait = 0.0
     bar = tqdm(total=len(loader), desc=description, leave=False, disable=not progress, dynamic_ncols=True)
     start = waiting_since = time.perf_counter()
-    for batch in loader:
-        data_wait += time.perf_counter() - waiting_since
-        image = batch["image"].to(device, non_blocking=True, memory_format=memory_format)  # (B, C, *spatial)
-        label = batch["label"].to(device, non_blocking=True)  # (B, *spatial) int64
+    try:
+        for batch in loader:
+            data_wait += time.perf_counter() - waiting_since
+            image = batch["image"].to(device, non_blocking=True, memory_format=memory_format)  # (B, C, *spatial)
+            label = batch["label"].to(device, non_blocking=True)  # (B, *spatial) int64
 
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            output = model(image)
-        loss = loss_fn(output, label)  # losses compute in float32 whatever the autocast dtype
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                output = model(image)
+            loss = loss_fn(output, label)  # losses compute in float32 whatever the autocast dtype
 
-        optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            # One bad batch must not poison the weights (the check costs one device sync a step,
-            # small beside a 3D U-Net step); the caller decides when too many in a row is fatal.
-            nonfinite_steps += 1
-        else:
-            scaler.scale(loss).backward()
-            if grad_clip:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach()
-        scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                # One bad batch must not poison the weights (the check costs one device sync a step,
+                # small beside a 3D U-Net step); many in a row mean the run has diverged.
+                nonfinite_steps += 1
+                nonfinite_in_a_row += 1
+                if nonfinite_in_a_row >= max_nonfinite_in_a_row:
+                    raise SystemExit(
+                        f"{description}: the loss was NaN or infinite for {nonfinite_in_a_row} steps in a row (step "
+                        f"{steps + 1}); the run stops, its last.pt holds the last completed epoch. Try a lower --lr, "
+                        f"gradient clipping (--grad-clip), --amp off, or check the inputs for NaN voxels.")
+            else:
+                nonfinite_in_a_row = 0
+                scaler.scale(loss).backward()
+                if grad_clip:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                loss_sum += loss.detach()
+            scheduler.step()
 
-        steps += 1
-        samples += image.shape[0]
-        bar.update()
-        if progress and steps % 10 == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / max(steps - nonfinite_steps, 1):.4f}")
-        waiting_since = time.perf_counter()
+            steps += 1
+            samples += image.shape[0]
+            bar.update()
+            if progress and steps % 10 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / max(steps - nonfinite_steps, 1):.4f}")
+            waiting_since = time.perf_counter()
+    except torch.OutOfMemoryError as error:
+        raise SystemExit(f"Out of {device} memory at a batch of {tuple(image.shape)}: lower --batch-size or the "
+                         f"patch/image size, use fewer --base-channels, or turn on --amp. ({error})") from error
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start

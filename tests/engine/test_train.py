@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from engine.train import train_one_epoch
@@ -55,3 +56,43 @@ def test_a_nonfinite_loss_skips_its_step_and_is_counted():
     model, stats = run_epoch(sometimes_nan, make_loader(3))
     assert stats["nonfinite_steps"] == 1 and stats["steps"] == 3
     assert torch.isfinite(model.weight).all() and math.isfinite(stats["loss"])
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()` before")  # no step ever succeeds
+def test_a_run_of_nonfinite_losses_stops_with_advice_but_a_broken_run_does_not():
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model = torch.nn.Conv2d(1, 2, 3, padding=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def epoch(loss_fn, num_batches):
+        return train_one_epoch(model, make_loader(num_batches), loss_fn, optimizer, scheduler, scaler,
+                               torch.device("cpu"), amp=False, amp_dtype=torch.bfloat16, grad_clip=None,
+                               progress=False, max_nonfinite_in_a_row=3)
+
+    def always_nan(output, label):
+        return torch.nn.functional.cross_entropy(output, label) * math.nan
+
+    def alternating(output, label):
+        alternating.calls += 1
+        loss = torch.nn.functional.cross_entropy(output, label)
+        return loss * math.nan if alternating.calls % 3 else loss  # two bad, one good, ...
+
+    alternating.calls = 0
+    assert epoch(alternating, 9)["nonfinite_steps"] == 6  # never three in a row: the run goes on
+    with pytest.raises(SystemExit, match="NaN or infinite for 3 steps in a row.*--lr"):
+        epoch(always_nan, 5)
+
+
+def test_out_of_memory_names_the_settings_to_lower():
+    class Exhausted(torch.nn.Module):
+        def forward(self, x):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model = torch.nn.Conv2d(1, 2, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(SystemExit, match=r"batch of \(2, 1, 5, 7\).*--batch-size.*--amp"):
+        train_one_epoch(Exhausted(), make_loader(1), torch.nn.functional.cross_entropy, optimizer, scheduler,
+                        torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), amp=False,
+                        amp_dtype=torch.bfloat16, grad_clip=None, progress=False)

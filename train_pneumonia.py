@@ -67,6 +67,7 @@ class Config:
     hflip: bool = False  # allow left-right flips (off: the heart lies on the patient's left, a flipped film is anatomically wrong)
     # model
     weights: str = "imagenet"  # imagenet (torchvision IMAGENET1K_V1), none (from scratch) or PATH of a ResNet18 state_dict
+    output_stride: int = 32  # 32 (ResNet18 as published) or 16 (last stage dilated: CAMs at twice the resolution, ~1.7x compute)
     freeze_backbone: bool = False  # train the linear head only (transfer learning with little data)
     backbone_lr_factor: float = 0.1  # the pretrained backbone learns at lr * this, the new head at lr (discriminative LR)
     # optimisation
@@ -210,7 +211,7 @@ def main(argv: list[str]) -> dict:
                          "lower --batch-size or raise --samples-per-epoch")
 
     # Model, loss, optimizer.
-    model = ResNet18Classifier(in_channels=1, num_classes=1)
+    model = ResNet18Classifier(in_channels=1, num_classes=1, output_stride=config.output_stride)
     if resume is None:
         load_weights(model, config.weights)
     if config.freeze_backbone:

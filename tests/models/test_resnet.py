@@ -16,6 +16,22 @@ def test_shapes_on_an_odd_size():
     assert model.features(image).shape == (2, 512, 3, 2)
 
 
+def test_output_stride_16_is_the_same_network_sampled_twice_as_densely():
+    # Dilation instead of striding in the last stage: every other output of the stride-16 network is
+    # exactly the stride-32 network's output, so weights (pretrained ones too) carry over unchanged.
+    torch.manual_seed(0)
+    coarse = ResNet18Classifier().eval()
+    fine = ResNet18Classifier(output_stride=16).eval()
+    fine.load_state_dict(coarse.state_dict())
+    image = torch.randn(2, 1, 128, 96)
+    with torch.no_grad():
+        dense, sparse = fine.features(image), coarse.features(image)
+    assert dense.shape == (2, 512, 8, 6) and sparse.shape == (2, 512, 4, 3)
+    torch.testing.assert_close(dense[:, :, ::2, ::2], sparse, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="16 or 32"):
+        ResNet18Classifier(output_stride=8)
+
+
 def test_summed_rgb_filters_equal_the_rgb_network_on_a_grey_image(tmp_path):
     torch.manual_seed(0)
     rgb = torchvision.models.resnet18(weights=None).eval()

@@ -26,6 +26,7 @@ from data.patches import EpochSampler, PatchDataset
 from data.preprocess import load_preprocessed_case, plan_preprocessing, preprocess_dataset, save_prediction
 from data.splits import split_cases
 from data.synthetic.liver import ensure_liver_phantom
+from engine.benchmark import benchmark_training
 from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.config import parse_config
 from engine.evaluate import evaluate
@@ -83,6 +84,7 @@ class Config:
     amp: bool = False  # mixed precision: fp16 autocast + GradScaler on CUDA, bf16 on CPU
     amp_dtype: str = "auto"  # auto, fp16 or bf16
     compile: bool = False  # torch.compile the model (slow start, faster steps on GPU)
+    benchmark: int = 0  # N > 0: time N training steps (steps/s, samples/s, data wait, first step, peak memory) and stop; no validation or checkpoints
     workers: int = 4  # DataLoader processes preparing patches (0 = in the main process)
     seed: int = 0  # seeds weights, sampling and augmentation; same seed and workers -> same numbers
     deterministic: bool = False  # force deterministic kernels on CUDA (slower; CPU runs are deterministic anyway)
@@ -201,6 +203,9 @@ def main(argv: list[str]) -> dict:
     train_model = model  # the plain model is what we save: its state_dict loads anywhere
     if config.compile:
         train_model = torch.compile(model)
+    if config.benchmark:  # throughput only: no validation, no checkpoints
+        return benchmark_training(train_model, loader, sampler, config.benchmark, loss_fn, optimizer, scheduler,
+                                  scaler, device, config.amp, amp_dtype, config.grad_clip, memory_format, out, logger)
 
     def checkpoint_state(epoch: int) -> dict:
         return training_state(model, optimizer, scheduler, scaler, epoch, best_dice,

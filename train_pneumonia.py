@@ -28,6 +28,7 @@ from data.rsna import ChestXrayDataset, cache_images, image_statistics, read_rsn
     split_patients
 from data.samplers import WeightedClassSampler
 from data.synthetic.rsna import ensure_rsna_phantom
+from engine.benchmark import benchmark_training
 from engine.cam import box_area_fraction, cam_mass_in_boxes, class_activation_maps, grad_cams, save_cam_overlay
 from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.classification import classification_metrics, predict_probabilities
@@ -86,6 +87,7 @@ class Config:
     amp: bool = False  # mixed precision: fp16 autocast + GradScaler on CUDA, bf16 on CPU
     amp_dtype: str = "auto"  # auto, fp16 or bf16
     compile: bool = False  # torch.compile the model (slow start, faster steps on GPU)
+    benchmark: int = 0  # N > 0: time N training steps (steps/s, samples/s, data wait, first step, peak memory) and stop; no validation or checkpoints
     workers: int = 4  # DataLoader processes augmenting images (0 = in the main process); also decode DICOM once
     seed: int = 0  # seeds weights, sampling and augmentation; same seed and workers -> same numbers
     deterministic: bool = False  # force deterministic kernels on CUDA (slower; CPU runs are deterministic anyway)
@@ -231,6 +233,10 @@ def main(argv: list[str]) -> dict:
     train_model = model  # the plain model is what we save: its state_dict loads anywhere
     if config.compile:
         train_model = torch.compile(model)
+    if config.benchmark:  # throughput only: no validation, no checkpoints
+        return benchmark_training(train_model, loader, train_sampler, config.benchmark, loss_fn, optimizer,
+                                  scheduler, scaler, device, config.amp, amp_dtype, config.grad_clip,
+                                  torch.channels_last, out, logger)
 
     def checkpoint_state(epoch: int, threshold: float) -> dict:
         return training_state(model, optimizer, scheduler, scaler, epoch, best_auc,

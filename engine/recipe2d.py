@@ -20,6 +20,7 @@ from data.preprocess import load_preprocessed_case, plan_preprocessing, preproce
 from data.samplers import WeightedSliceSampler
 from data.slices import SliceDataset
 from data.splits import split_cases
+from engine.benchmark import benchmark_training
 from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.logging import RunLogger
 from engine.optim import build_optimizer
@@ -199,6 +200,9 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
     train_model = model  # the plain model is what we save: its state_dict loads anywhere
     if config.compile:
         train_model = torch.compile(model)
+    if config.benchmark:  # throughput only: no validation, no checkpoints
+        return benchmark_training(train_model, loader, sampler, config.benchmark, loss_fn, optimizer, scheduler,
+                                  scaler, device, config.amp, amp_dtype, config.grad_clip, memory_format, out, logger)
 
     def checkpoint_state(epoch: int) -> dict:
         return training_state(model, optimizer, scheduler, scaler, epoch, best_dice,

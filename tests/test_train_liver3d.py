@@ -112,3 +112,11 @@ def test_every_flag_is_explained_in_help():
                  "--amp", "--compile", "--workers", "--device", "--seed", "--val-every", "--spacing",
                  "--fg-prob", "--base-channels", "--cache-dir"]:
         assert flag in help_text
+
+
+def test_benchmark_times_steps_across_epochs_and_writes_no_checkpoint(tmp_path, cache_dir):
+    results = run(tmp_path / "bench", cache_dir, "--benchmark", "6")  # 6 steps > 4 per epoch
+    assert results["steps"] == 6 and results["steps_per_s"] > 0 and results["samples_per_s"] > 0
+    assert 0 <= results["data_wait_fraction"] <= 1 and results["peak_rss_mb"] > 0
+    assert json.loads((tmp_path / "bench" / "benchmark.json").read_text()) == results
+    assert not list((tmp_path / "bench").glob("*.pt"))

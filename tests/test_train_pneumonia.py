@@ -82,3 +82,9 @@ def test_help_lists_every_flag(capsys):
     for flag in ("--data-dir", "--weights", "--balance", "--positive-share", "--hflip", "--freeze-backbone",
                  "--backbone-lr-factor", "--image-size", "--val-fraction", "--cam", "--resume", "--config"):
         assert flag in text
+
+
+def test_benchmark_mode(tmp_path, cache_dir):
+    results = run(tmp_path / "bench", cache_dir, "--benchmark", "2")
+    assert results["steps"] == 2 and results["samples_per_s"] > 0
+    assert not list((tmp_path / "bench").glob("*.pt"))

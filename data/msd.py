@@ -187,6 +187,10 @@ def read_msd_dataset(root: str | Path, modality: str = "CT") -> MSDDataset:
         raise DatasetError(f"{root}: dataset folder does not exist.")
     json_path = root / "dataset.json"
     dataset = _read_dataset_json(root, json_path) if json_path.is_file() else _scan_folders(root, modality)
+    if not dataset.cases:
+        where = "dataset.json lists none" if json_path.is_file() else "imagesTr/ holds no .nii.gz files"
+        raise DatasetError(f"{root}: no training cases ({where}). Pass the task folder that holds "
+                           "imagesTr/ and labelsTr/.")
     dataset.cases.sort(key=lambda case: case.case_id)
     seen = set()
     for case in dataset.cases:

@@ -57,7 +57,9 @@ def read_rsna_labels(labels_csv: Path, classes_csv: Path | None = None) -> list[
     patients: dict[str, RsnaPatient] = {}
     seen_rows = set()
     with open(labels_csv, newline="") as file:
-        for line, row in enumerate(csv.DictReader(file), start=2):
+        reader = csv.DictReader(file)
+        _check_columns(labels_csv, reader.fieldnames, ("patientId", "x", "y", "width", "height", "Target"))
+        for line, row in enumerate(reader, start=2):
             patient_id, target = row["patientId"].strip(), row["Target"].strip()
             where = f"{labels_csv}:{line}: patient {patient_id}"
             if target not in ("0", "1"):
@@ -77,15 +79,26 @@ def read_rsna_labels(labels_csv: Path, classes_csv: Path | None = None) -> list[
                 patient.boxes.append(tuple(float(v) for v in box))
             elif any(box):  # (a second negative row is an exact repeat, caught above)
                 raise ValueError(f"{where}: Target 0 row with a box")
+    if not patients:
+        raise ValueError(f"{labels_csv}: no patients (a header without rows)")
     if classes_csv is not None:
         _attach_detailed_classes(patients, classes_csv)
     return [patients[k] for k in sorted(patients)]
 
 
+def _check_columns(path: Path, found: list[str] | None, required: tuple[str, ...]) -> None:
+    missing = [name for name in required if name not in (found or [])]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; the header must hold "
+                         f"{','.join(required)} (found {','.join(found or []) or 'an empty file'})")
+
+
 def _attach_detailed_classes(patients: dict[str, RsnaPatient], classes_csv: Path) -> None:
     # The original file repeats a patient's class once per box; repeats must agree.
     with open(classes_csv, newline="") as file:
-        for line, row in enumerate(csv.DictReader(file), start=2):
+        reader = csv.DictReader(file)
+        _check_columns(classes_csv, reader.fieldnames, ("patientId", "class"))
+        for line, row in enumerate(reader, start=2):
             patient_id, name = row["patientId"].strip(), row["class"].strip()
             where = f"{classes_csv}:{line}: patient {patient_id}"
             if patient_id not in patients:

@@ -137,3 +137,11 @@ def test_truncated_label_is_named(tmp_path):
     dataset = read_msd_dataset(tmp_path)
     with pytest.raises(NiftiError, match=r"labelsTr/liver_1\.nii\.gz: cannot read NIfTI \(file truncated or corrupt"):
         check_case(dataset.cases[0], dataset.labels)
+
+
+def test_an_empty_task_folder_is_named(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    (tmp_path / "imagesTr" / "._liver_0.nii.gz").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble, not a case
+    with pytest.raises(DatasetError, match="no training cases.*imagesTr/ holds no"):
+        read_msd_dataset(tmp_path)

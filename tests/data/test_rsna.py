@@ -40,6 +40,23 @@ def test_bad_label_rows_name_the_patient(tmp_path, rows, message):
         read_rsna_labels(write_csv(tmp_path / "labels.csv", HEADER + rows))
 
 
+@pytest.mark.parametrize("text, message", [
+    ("patientId,x,y,width,height\na,,,,\n", r"labels.csv: missing column\(s\) Target"),
+    ("", "missing column.*found an empty file"),
+    (HEADER, "no patients"),
+])
+def test_a_malformed_label_file_is_named_with_what_it_lacks(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        read_rsna_labels(write_csv(tmp_path / "labels.csv", text))
+
+
+def test_a_class_file_without_its_class_column_is_named(tmp_path):
+    labels = write_csv(tmp_path / "labels.csv", HEADER + "a,,,,,0\n")
+    classes = write_csv(tmp_path / "classes.csv", "patientId,kind\na,Normal\n")
+    with pytest.raises(ValueError, match=r"classes.csv: missing column\(s\) class"):
+        read_rsna_labels(labels, classes)
+
+
 def test_detailed_class_must_agree_with_the_label(tmp_path):
     labels = write_csv(tmp_path / "labels.csv", HEADER + "a,,,,,0\n")
     classes = write_csv(tmp_path / "classes.csv", "patientId,class\na,Lung Opacity\n")

@@ -2,6 +2,11 @@
 exactly, and trains on another task layout unchanged."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +14,7 @@ import pytest
 import train_liver3d
 from data.synthetic.msd_layout import write_msd_dataset
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--synthetic-matrix", "24", "--synthetic-cases", "5", "--patch", "16,24,24", "--batch-size", "2",
         "--base-channels", "4", "--depth", "3", "--steps-per-epoch", "4", "--workers", "0",
         "--val-every", "1", "--lr", "0.01", "--warmup-steps", "2"]
@@ -120,3 +126,25 @@ def test_benchmark_times_steps_across_epochs_and_writes_no_checkpoint(tmp_path, 
     assert 0 <= results["data_wait_fraction"] <= 1 and results["peak_rss_mb"] > 0
     assert json.loads((tmp_path / "bench" / "benchmark.json").read_text()) == results
     assert not list((tmp_path / "bench").glob("*.pt"))
+
+
+def test_a_run_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path, cache_dir):
+    # SIGKILL gives the process no chance to clean up: whatever last.pt holds must be whole, and the
+    # resumed run must end where an uninterrupted one does.
+    run(tmp_path / "full", cache_dir, "--epochs", "4")
+    command = [sys.executable, "train_liver3d.py", *TINY, "--cache-dir", str(cache_dir), "--epochs", "4"]
+    process = subprocess.Popen([*command, "--out", str(tmp_path / "cut")], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    log = tmp_path / "cut" / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and log.read_text().count("\n") >= 2) and process.poll() is None:
+        assert time.monotonic() < deadline, "the run wrote no epoch in two minutes"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # somewhere in the third epoch, or later if it was fast
+    process.wait()
+    subprocess.run([sys.executable, "train_liver3d.py", "--resume", str(tmp_path / "cut" / "last.pt")], cwd=ROOT,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text()) == full
+    losses = {r["epoch"]: r["loss"] for r in read_log(tmp_path / "cut")}
+    assert losses[3] == read_log(tmp_path / "full")[3]["loss"]

@@ -9,7 +9,7 @@ and of soft-tissue density, are labelled; they make far under 1% of the voxels. 
 one validation case hold no tumour and the false-positive side of Dice is tested too.
 
     from data.synthetic.lung import ensure_lung_phantom
-    root = ensure_lung_phantom(".cache/synthetic", num_cases=16, matrix=128)
+    root = ensure_lung_phantom(".cache/synthetic", num_cases=16, matrix=192)
 
 Patient coordinates while drawing, in millimetres: X towards the patient's left, Y towards the back,
 Z towards the head. The grid is indexed (i, j, k) = (X, Y, Z), an axial stack, whose NIfTI affine is
@@ -136,7 +136,7 @@ def write_lung_phantom(root: Path, num_cases: int, matrix: int, seed: int, versi
     return write_msd_dataset(root, "Task06_Lung", "Synthetic lung nodule chest CT", {0: "CT"}, LABELS, cases())
 
 
-def ensure_lung_phantom(cache_root: str | Path, num_cases: int = 16, matrix: int = 128, seed: int = 0) -> Path:
+def ensure_lung_phantom(cache_root: str | Path, num_cases: int = 16, matrix: int = 192, seed: int = 0) -> Path:
     """The phantom folder under `cache_root`, generated once per parameter set.
 
     Args:

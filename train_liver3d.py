@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from data.augment3d import Augment3DConfig
 from data.msd import read_msd_dataset
@@ -29,6 +30,7 @@ from data.synthetic.liver import ensure_liver_phantom
 from engine.benchmark import benchmark_training
 from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.config import parse_config
+from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.evaluate import evaluate
 from engine.logging import RunLogger, foreground_slice_index, overlay_slice
 from engine.optim import build_optimizer
@@ -72,7 +74,7 @@ class Config:
     grad_clip: float = 12.0  # max gradient norm (nnU-Net); 0 disables
     batch_size: int = 2  # patches per step (per process)
     epochs: int = 1000  # total epochs (a resumed run continues up to this number)
-    steps_per_epoch: int = 250  # iterations per epoch (nnU-Net: 250)
+    steps_per_epoch: int = 250  # iterations per epoch (nnU-Net: 250); under torchrun the processes share them
     # validation
     val_every: int = 50  # validate every N epochs; always after the last epoch
     overlap: float = 0.5  # sliding-window overlap between neighbouring windows (fraction of the patch)
@@ -168,13 +170,15 @@ def write_metrics(validation: dict, labels: dict[int, str], out: Path) -> None:
 def main(argv: list[str]) -> dict:
     config, resume = parse_config(Config, argv, __doc__, SYNTHETIC_PROFILE)
     out, device, amp_dtype, logger = start_run(config, resume)
+    rank, world_size = rank_and_world_size()  # (0, 1) unless launched by torchrun
 
     # Data: patches drawn from the memory-mapped cache; the sampler hands (epoch, index) keys to the
     # workers, so every patch is reproducible whatever the number of workers or a resume.
-    dataset, plan, entry, train_ids, val_ids = prepare_data(config, logger)
+    with main_process_first():  # under torchrun rank 0 fills the cache, the others then read it
+        dataset, plan, entry, train_ids, val_ids = prepare_data(config, logger)
     train_data = PatchDataset(entry, train_ids, config.patch, config.steps_per_epoch * config.batch_size,
                               config.fg_prob, config.augment, config.seed)
-    sampler = EpochSampler(len(train_data))
+    sampler = EpochSampler(len(train_data), num_replicas=world_size, rank=rank)
     loader = torch.utils.data.DataLoader(
         train_data, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
         pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
@@ -192,7 +196,7 @@ def main(argv: list[str]) -> dict:
         loss_fn = DeepSupervisionLoss(loss_fn)
     optimizer, scheduler = build_optimizer(model.parameters(), config.optimizer, config.lr, config.momentum,
                                            config.weight_decay, config.schedule,
-                                           config.epochs * config.steps_per_epoch, config.warmup_steps)
+                                           config.epochs * len(loader), config.warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and amp_dtype == torch.float16)
 
     start_epoch, best_dice = 0, -1.0
@@ -201,8 +205,11 @@ def main(argv: list[str]) -> dict:
         logger.info(f"resumed from {resume} at epoch {start_epoch + 1}")
 
     train_model = model  # the plain model is what we save: its state_dict loads anywhere
+    if world_size > 1:  # torchrun: gradients are averaged over the processes at every step
+        train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if config.compile:
-        train_model = torch.compile(model)
+        train_model = torch.compile(train_model)
+    eval_model = train_model if world_size == 1 else model  # rank 0 validates alone, outside DDP
     if config.benchmark:  # throughput only: no validation, no checkpoints
         return benchmark_training(train_model, loader, sampler, config.benchmark, loss_fn, optimizer, scheduler,
                                   scaler, device, config.amp, amp_dtype, config.grad_clip, memory_format, out, logger)
@@ -219,27 +226,32 @@ def main(argv: list[str]) -> dict:
         started = time.perf_counter()
         stats = train_one_epoch(train_model, loader, loss_fn, optimizer, scheduler, scaler, device,
                                 config.amp, amp_dtype, config.grad_clip, memory_format,
-                                description=f"epoch {epoch + 1}/{config.epochs}")
+                                description=f"epoch {epoch + 1}/{config.epochs}", progress=rank == 0)
         logger.scalars(stats, epoch, prefix="train/")
         logger.info(f"epoch {epoch + 1}/{config.epochs}: loss {stats['loss']:.4f}, lr {stats['lr']:.2e}, "
                     f"{stats['samples_per_s']:.1f} patches/s, data wait {100 * stats['data_wait_fraction']:.0f}%")
         record = {"epoch": epoch, **stats, "epoch_time_s": time.perf_counter() - started}
         last_epoch = epoch == config.epochs - 1
-        if (epoch + 1) % config.val_every == 0 or last_epoch:
-            validation = validate(train_model, entry, val_ids, dataset.labels, plan.target_spacing, config, device,
+        if rank == 0 and ((epoch + 1) % config.val_every == 0 or last_epoch):  # one process validates every case
+            validation = validate(eval_model, entry, val_ids, dataset.labels, plan.target_spacing, config, device,
                                   amp_dtype, logger, epoch, save_dir=out / "predictions" if last_epoch else None)
             record.update(validation["scores"])
             if validation["scores"]["dice_mean"] > best_dice:
                 best_dice = validation["scores"]["dice_mean"]
                 save_checkpoint(checkpoint_state(epoch), out / "best.pt")
-        save_checkpoint(checkpoint_state(epoch), out / "last.pt")
+        if rank == 0:
+            save_checkpoint(checkpoint_state(epoch), out / "last.pt")
         logger.record(record)
 
+    if rank > 0:  # rank 0 writes the results
+        cleanup_distributed()
+        return {}
     if validation is None:  # resumed after the last epoch: nothing left to train, validate once
-        validation = validate(train_model, entry, val_ids, dataset.labels, plan.target_spacing, config, device,
+        validation = validate(eval_model, entry, val_ids, dataset.labels, plan.target_spacing, config, device,
                               amp_dtype, logger, config.epochs - 1, save_dir=out / "predictions")
     write_metrics(validation, dataset.labels, out)
     logger.close()
+    cleanup_distributed()
     return validation["scores"]
 
 

@@ -165,13 +165,20 @@ class PatchDataset(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Yields `(epoch, i)` for i in range(num_samples); call `set_epoch` before each epoch.
+    """Yields `(epoch, i)` for this process's share of i in range(num_samples); call `set_epoch`
+    before each epoch.
 
     It runs in the main process, so a new epoch reaches persistent workers through the keys alone.
+    With `num_replicas > 1` (DDP) rank r takes i = r, r + num_replicas, ...: the ranks split the
+    epoch's patches without overlap, and each patch is the one a single process would have drawn.
     """
 
-    def __init__(self, num_samples: int):
+    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in 0..{num_replicas - 1}")
         self.num_samples = num_samples
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -179,7 +186,7 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         epoch = self.epoch
-        return iter([(epoch, index) for index in range(self.num_samples)])
+        return iter([(epoch, index) for index in range(self.rank, self.num_samples, self.num_replicas)])
 
     def __len__(self) -> int:
-        return self.num_samples
+        return len(range(self.rank, self.num_samples, self.num_replicas))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from data.intensity import ct_window_statistics
 from data.msd import DatasetError, read_msd_dataset
@@ -22,6 +23,7 @@ from data.slices import SliceDataset
 from data.splits import split_cases
 from engine.benchmark import benchmark_training
 from engine.checkpoint import resume_training, save_checkpoint, training_state
+from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.logging import RunLogger
 from engine.optim import build_optimizer
 from engine.runtime import metric_key, start_run, surface_scores, worker_init
@@ -164,16 +166,18 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
         the flat validation scores written to metrics.json.
     """
     out, device, amp_dtype, logger = start_run(config, resume)
+    rank, world_size = rank_and_world_size()  # (0, 1) unless launched by torchrun
 
     # Data: every slice of the training volumes, read from the memory-mapped cache; the sampler hands
     # (epoch, index, slice) keys to the workers, so every sample is reproducible whatever the workers.
-    dataset, plan, entry, train_ids, val_ids = prepare_volumes(
-        config.data_dir, make_phantom, config.cache_dir, config.val_fraction, config.split_seed, config.fold,
-        config.spacing, hu_window, config.workers, logger)
+    with main_process_first():  # under torchrun rank 0 fills the cache, the others then read it
+        dataset, plan, entry, train_ids, val_ids = prepare_volumes(
+            config.data_dir, make_phantom, config.cache_dir, config.val_fraction, config.split_seed, config.fold,
+            config.spacing, hu_window, config.workers, logger)
     train_data = SliceDataset(entry, train_ids, config.slice_axis, config.image_size, config.fit, config.augment,
                               config.seed)
     sampler = WeightedSliceSampler(train_data.slice_has_foreground, config.samples_per_epoch,
-                                   config.foreground_share, config.seed)
+                                   config.foreground_share, config.seed, num_replicas=world_size, rank=rank)
     loader = torch.utils.data.DataLoader(
         train_data, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, drop_last=True,
         pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
@@ -198,8 +202,11 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
         logger.info(f"resumed from {resume} at epoch {start_epoch + 1}")
 
     train_model = model  # the plain model is what we save: its state_dict loads anywhere
+    if world_size > 1:  # torchrun: gradients are averaged over the processes at every step
+        train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if config.compile:
-        train_model = torch.compile(model)
+        train_model = torch.compile(train_model)
+    eval_model = train_model if world_size == 1 else model  # rank 0 validates alone, outside DDP
     if config.benchmark:  # throughput only: no validation, no checkpoints
         return benchmark_training(train_model, loader, sampler, config.benchmark, loss_fn, optimizer, scheduler,
                                   scaler, device, config.amp, amp_dtype, config.grad_clip, memory_format, out, logger)
@@ -210,7 +217,7 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
                               labels={str(k): v for k, v in dataset.labels.items()})
 
     def validate(epoch: int, save_dir: Path | None = None) -> dict:
-        return validate_volumes(train_model, entry, val_ids, dataset.labels, outputs, config.slice_axis,
+        return validate_volumes(eval_model, entry, val_ids, dataset.labels, outputs, config.slice_axis,
                                 config.image_size, config.fit, config.largest_component, plan.target_spacing,
                                 config.nsd_tolerance_mm, device, config.amp, amp_dtype, logger, epoch, save_dir)
 
@@ -221,23 +228,28 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
         started = time.perf_counter()
         stats = train_one_epoch(train_model, loader, loss_fn, optimizer, scheduler, scaler, device,
                                 config.amp, amp_dtype, config.grad_clip, memory_format,
-                                description=f"epoch {epoch + 1}/{config.epochs}")
+                                description=f"epoch {epoch + 1}/{config.epochs}", progress=rank == 0)
         logger.scalars(stats, epoch, prefix="train/")
         logger.info(f"epoch {epoch + 1}/{config.epochs}: loss {stats['loss']:.4f}, lr {stats['lr']:.2e}, "
                     f"{stats['samples_per_s']:.1f} slices/s, data wait {100 * stats['data_wait_fraction']:.0f}%")
         record = {"epoch": epoch, **stats, "epoch_time_s": time.perf_counter() - started}
         last_epoch = epoch == config.epochs - 1
-        if (epoch + 1) % config.val_every == 0 or last_epoch:
+        if rank == 0 and ((epoch + 1) % config.val_every == 0 or last_epoch):  # one process validates every case
             validation = validate(epoch, save_dir=out / "predictions" if last_epoch else None)
             record.update(validation["scores"])
             if validation["scores"]["dice"] > best_dice:
                 best_dice = validation["scores"]["dice"]
                 save_checkpoint(checkpoint_state(epoch), out / "best.pt")
-        save_checkpoint(checkpoint_state(epoch), out / "last.pt")
+        if rank == 0:
+            save_checkpoint(checkpoint_state(epoch), out / "last.pt")
         logger.record(record)
 
+    if rank > 0:  # rank 0 writes the results
+        cleanup_distributed()
+        return {}
     if validation is None:  # resumed after the last epoch: nothing left to train, validate once
         validation = validate(config.epochs - 1, save_dir=out / "predictions")
     write_metrics(validation, dataset.labels, out)
     logger.close()
+    cleanup_distributed()
     return validation["scores"]

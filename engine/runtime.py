@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from engine.config import save_config
+from engine.distributed import setup_distributed
 from engine.logging import RunLogger
 
 
@@ -85,9 +86,10 @@ def surface_scores(surface_mean: dict[int, dict[str, float]], labels: dict[int, 
 
 
 def start_run(config, resume: str | None) -> tuple[Path, torch.device, torch.dtype, RunLogger]:
-    """Open the run folder ``config.out`` and set up the process for a recipe: device, AMP dtype,
-    seeds and backend flags, logger, ``config.json``. Refuses a folder that already holds a run
-    unless it is being resumed, so a finished run is never overwritten by accident.
+    """Open the run folder ``config.out`` and set up the process for a recipe: the torchrun process
+    group when launched by torchrun, device, AMP dtype, seeds and backend flags, logger,
+    ``config.json``. Refuses a folder that already holds a run unless it is being resumed, so a
+    finished run is never overwritten by accident. Only rank 0 writes to the folder.
 
     Returns:
         (run folder, device, autocast dtype, logger)
@@ -96,12 +98,15 @@ def start_run(config, resume: str | None) -> tuple[Path, torch.device, torch.dty
     if (out / "last.pt").exists() and resume is None:
         raise SystemExit(f"{out} already holds a run (last.pt). Continue it with --resume {out / 'last.pt'} "
                          "or choose another --out.")
-    device = pick_device(config.device)
+    rank, world_size, device_name = setup_distributed(config.device)
+    device = pick_device(device_name)
     amp_dtype = amp_dtype_for(device, config.amp_dtype)
     seed_everything(config.seed, deterministic=config.deterministic or device.type == "cpu")
-    logger = RunLogger(out)
-    save_config(config, out / "config.json")
-    logger.info(f"device {device}, amp {config.amp} ({amp_dtype}), run folder {out}")
+    logger = RunLogger(out, active=rank == 0)
+    if rank == 0:
+        save_config(config, out / "config.json")
+    processes = f", {world_size} processes" if world_size > 1 else ""
+    logger.info(f"device {device}{processes}, amp {config.amp} ({amp_dtype}), run folder {out}")
     if config.amp and device.type == "cpu" and not has_fast_cpu_bf16():
         logger.info("warning: this CPU has no native bf16 kernels, so --amp runs far slower than fp32 here")
     return out, device, amp_dtype, logger

@@ -2,6 +2,7 @@
 exactly, and trains on another task layout unchanged."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import pytest
 
 import train_liver3d
 from data.synthetic.msd_layout import write_msd_dataset
+from engine.checkpoint import load_checkpoint
+from models import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--synthetic-matrix", "24", "--synthetic-cases", "5", "--patch", "16,24,24", "--batch-size", "2",
@@ -148,3 +151,25 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path, ca
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text()) == full
     losses = {r["epoch"]: r["loss"] for r in read_log(tmp_path / "cut")}
     assert losses[3] == read_log(tmp_path / "full")[3]["loss"]
+
+
+def test_torchrun_two_cpu_processes_train_and_rank_zero_alone_writes(tmp_path, cache_dir):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "train_liver3d.py", *TINY, "--device", "cpu", "--epochs", "2", "--cache-dir", str(cache_dir),
+               "--out", str(out)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600,
+                              check=False)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert [r["epoch"] for r in read_log(out)] == [0, 1]  # one process logged
+    assert finished.stdout.count("epoch 2/2: loss") == 1
+    checkpoint = load_checkpoint(out / "last.pt")
+    assert not any(key.startswith("module.") for key in checkpoint["model"])  # the plain model, no DDP wrapper
+    config = checkpoint["config"]
+    model = UNet(spatial_dims=3, in_channels=1, num_classes=3, base_channels=config["base_channels"],
+                 depth=config["depth"], max_channels=config["max_channels"], norm=config["norm"],
+                 upsample=config["upsample"], deep_supervision=config["deep_supervision"])
+    model.load_state_dict(checkpoint["model"])  # strict: every key of a plain UNet, none of DDP's
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["dice_liver"] <= 1 and (out / "best.pt").is_file()

@@ -178,3 +178,11 @@ def test_spawned_workers_give_the_same_batches_as_the_main_process(cache_dir):
     next_epoch = list(loader)
     assert not torch.equal(next_epoch[0]["image"], parallel[0]["image"])
     torch.testing.assert_close(next_epoch[0]["image"][0], dataset[(3, 0)]["image"], rtol=0, atol=0)
+
+
+def test_ranks_split_an_epoch_without_overlap():
+    shards = [list(EpochSampler(10, num_replicas=3, rank=rank)) for rank in range(3)]
+    assert [len(shard) for shard in shards] == [4, 3, 3]
+    assert sorted(key for shard in shards for key in shard) == list(EpochSampler(10))
+    with pytest.raises(ValueError, match="rank 3"):
+        EpochSampler(10, num_replicas=3, rank=3)

@@ -70,6 +70,13 @@ def cam_mass_in_boxes(cam: np.ndarray, boxes) -> float:
     return float(cam[boxes_mask(boxes, cam.shape)].sum() / total) if total > 0 else 0.0
 
 
+def cam_peak_in_boxes(cam: np.ndarray, boxes) -> bool:
+    """The pointing game (Zhang et al. 2016): whether the CAM's maximum lies inside a box. Stricter
+    about where the peak is and blind to how far the heat spreads, unlike `cam_mass_in_boxes`."""
+    cam = np.asarray(cam)
+    return bool(boxes_mask(boxes, cam.shape)[np.unravel_index(np.argmax(cam), cam.shape)])
+
+
 def box_area_fraction(boxes, shape: tuple[int, int]) -> float:
     """Share of the image the boxes cover (their union): what a uniform map scores."""
     return float(boxes_mask(boxes, shape).mean())

@@ -32,7 +32,7 @@ def test_run_writes_metrics_cams_and_a_self_contained_checkpoint(tmp_path, cache
     assert written == metrics
     for key in ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "accuracy_youden",
                 "sensitivity_youden", "specificity_youden", "precision_youden", "f1_youden",
-                "threshold_youden", "cam_in_box", "box_area_fraction"):
+                "threshold_youden", "cam_in_box", "cam_peak_in_box", "box_area_fraction"):
         assert isinstance(written[key], float) and np.isfinite(written[key]), key
     assert 0 < written["box_area_fraction"] < 1
     assert len(list((tmp_path / "run" / "cam").glob("*.png"))) == 3

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.cam import box_area_fraction, cam_mass_in_boxes, class_activation_maps, grad_cams, \
+from engine.cam import box_area_fraction, cam_mass_in_boxes, cam_peak_in_boxes, class_activation_maps, grad_cams, \
     save_cam_overlay
 from models.resnet import ResNet18Classifier
 
@@ -63,6 +63,7 @@ def test_box_mass_and_area_by_hand():
     assert cam_mass_in_boxes(cam, [(3, 2, 1, 1)]) == pytest.approx(0.75)
     assert cam_mass_in_boxes(cam, [(0, 0, 5, 5), (14, 7, 3, 3)]) == pytest.approx(1.0)
     assert box_area_fraction([(0, 0, 10, 5), (5, 0, 10, 5)], (10, 20)) == pytest.approx(75 / 200)
+    assert cam_peak_in_boxes(cam, [(3, 2, 1, 1)]) and not cam_peak_in_boxes(cam, [(14, 7, 3, 3)])
 
 
 def test_overlay_png_shows_the_box_in_green(tmp_path):

@@ -1,0 +1,376 @@
+"""Predict new scans with trained checkpoints: segmentation masks (NIfTI) or pneumonia probabilities (DICOM).
+
+    python predict.py --checkpoint runs/liver3d/best.pt --input /data/Task03_Liver/imagesTs --output preds/liver
+    python predict.py --checkpoint runs/liver3d/best.pt --input ct.nii.gz --output preds --tta --keep-largest
+    python predict.py --checkpoint runs/fold0/best.pt --checkpoint runs/fold1/best.pt --input scans/ --output preds
+    python predict.py --checkpoint runs/atrium/best.pt --input mri/ --output preds/atrium --device cuda --amp
+    python predict.py --checkpoint runs/pneumonia/best.pt --input films/ --output preds/pneumonia
+
+The checkpoint says what to do: its task picks the network (3D U-Net, 2D U-Net, ResNet18, rebuilt from
+the training config), its preprocessing plan (or image size and normalisation) prepares each input
+exactly as in training, and its threshold makes the pneumonia decision. Several checkpoints (one per
+fold) of one task are an ensemble: their probabilities are averaged.
+
+Segmentation (`.nii` / `.nii.gz`, one file or a folder): each case is preprocessed like the training
+cases, predicted (3D: sliding window with the training patch and overlap; 2D: slice by slice, as in
+validation), and written to OUTPUT as `<case>.nii.gz` with exactly the input file's shape and affine,
+beside a `<case>.png` montage and one row of `volumes.csv` (millilitres per class).
+With `--labels DIR` each case is also scored against its reference mask on the source grid (Dice,
+HD95 and normalised surface Dice in mm, volume difference) into `scores.csv`, mean in the last row.
+Chest X-ray (`.dcm`, one file or a folder): `predictions.csv` (file, patient id, probability, threshold,
+decision) and a class activation map `cam/<file>.png` per image.
+"""
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from data.msd import case_id_from_path
+from data.nifti import Volume, read_nifti, write_nifti_like
+from data.preprocess import PreprocessPlan, preprocess_image, restore_to_source
+from data.rsna import decode_and_resize
+from engine.cam import class_activation_maps, save_cam_overlay
+from engine.checkpoint import load_checkpoint
+from engine.evaluate import predict_volume
+from engine.inference import predict_probabilities
+from engine.metrics import dice_per_class
+from engine.postprocess import keep_largest_foreground
+from engine.recipe2d import num_outputs
+from engine.runtime import amp_dtype_for, has_fast_cpu_bf16, pick_device
+from engine.slicewise import keep_largest_component, montage, predict_volume_slicewise, save_montage
+from engine.surface_metrics import surface_metrics_per_class
+from models import UNet
+from models.resnet import ResNet18Classifier
+
+SEGMENTATION_TASKS = {"liver3d": 3, "atrium": 2, "lung": 2}  # task -> spatial dims of its U-Net
+CLASSIFICATION_TASKS = ("pneumonia",)
+# Settings that fix the grid and the windows a prediction is made on: an ensemble must share them.
+SHARED_SETTINGS = {3: ("patch", "overlap"), 2: ("slice_axis", "image_size", "fit")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", action="append", required=True, metavar="RUN/best.pt",
+                        help="checkpoint written by a train_*.py script; give it several times (e.g. one per "
+                             "fold) to average the probabilities of checkpoints of one task")
+    parser.add_argument("--input", required=True, metavar="PATH",
+                        help="a .nii/.nii.gz file or a folder of them (segmentation tasks), or a DICOM file or "
+                             "a folder of .dcm files (pneumonia); subfolders are not searched")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="folder for the masks, montages and volumes.csv, or predictions.csv and cam/ "
+                             "(created if missing; files of the same name are replaced)")
+    parser.add_argument("--labels", metavar="DIR",
+                        help="segmentation only: folder of reference masks named like the inputs (e.g. labelsTr/); "
+                             "each case is scored (Dice, HD95 in mm, normalised surface Dice, volume difference) "
+                             "on the source grid into scores.csv, with the mean over cases in its last row")
+    parser.add_argument("--nsd-tolerance-mm", type=float, default=2.0, metavar="MM",
+                        help="with --labels: boundary tolerance of the normalised surface Dice (default: 2)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time mirroring: average the predictions of every flip along the axes the "
+                             "model was trained to flip (2^axes times slower; no effect on pneumonia)")
+    parser.add_argument("--keep-largest", action="store_true",
+                        help="keep the largest connected component, as the recipe's validation does: of the "
+                             "whole foreground for liver3d (tumours inside the liver survive), of each class "
+                             "for atrium and lung")
+    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda",
+                        help="auto (cuda, then mps, then cpu), cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: fp16 autocast on CUDA, bf16 on CPU (probabilities are averaged "
+                             "in float32)")
+    return parser
+
+
+class ProbabilityAverage(nn.Module):
+    """Several networks (each optionally mirrored) seen as one: the mean of their probabilities.
+
+    It returns logits whose softmax (sigmoid for one output) is exactly the mean probability, so
+    any code that predicts with one model (`predict_volume`, `predict_volume_slicewise`) predicts
+    with the ensemble unchanged.
+
+    Args:
+        members: (model, mirror_axes) pairs; mirror_axes are spatial axes of the input to flip for
+            test-time augmentation (every combination is predicted and averaged), () for none.
+        num_outputs: K, the logit channels of every model; 1 means one sigmoid logit.
+
+    Shapes:
+        (B, C, *spatial) -> (B, K, *spatial) float32.
+    """
+
+    def __init__(self, members: list[tuple[nn.Module, tuple[int, ...]]], num_outputs: int):
+        super().__init__()
+        self.models = nn.ModuleList([model for model, _ in members])
+        self.mirror_axes = [axes for _, axes in members]
+        self.num_outputs = num_outputs
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        mean = sum(predict_probabilities(model, image, self.num_outputs, axes)
+                   for model, axes in zip(self.models, self.mirror_axes)) / len(self.models)
+        if self.num_outputs == 1:
+            return torch.logit(mean, eps=1e-6)
+        # softmax(log p) = p because the mean probabilities already sum to one.
+        return torch.log(mean.clamp_min(1e-12))
+
+
+def load_checkpoints(paths: list[str]) -> tuple[str, list[dict]]:
+    """Every checkpoint, checked to carry a known task and weights, and to share one task."""
+    checkpoints = []
+    for path in paths:
+        checkpoint = load_checkpoint(Path(path))
+        task = checkpoint.get("task")
+        if task is None or "model" not in checkpoint:
+            raise SystemExit(f"{path}: the checkpoint has no {'task' if task is None else 'model weights'}; it "
+                             "was not written by a current train_*.py script. Pass RUN/best.pt or RUN/last.pt "
+                             "of a run trained with this version.")
+        if task not in SEGMENTATION_TASKS and task not in CLASSIFICATION_TASKS:
+            raise SystemExit(f"{path}: unknown task {task!r}; predict.py knows "
+                             f"{', '.join([*SEGMENTATION_TASKS, *CLASSIFICATION_TASKS])}.")
+        checkpoints.append(checkpoint)
+    tasks = {path: checkpoint["task"] for path, checkpoint in zip(paths, checkpoints)}
+    if len(set(tasks.values())) > 1:
+        listing = ", ".join(f"{path} ({task})" for path, task in tasks.items())
+        raise SystemExit(f"checkpoints of different tasks cannot be averaged: {listing}. Pass checkpoints "
+                         "of the same task, e.g. the folds of one recipe, and predict each task separately.")
+    return checkpoints[0]["task"], checkpoints
+
+
+def find_inputs(path: Path, suffixes: tuple[str, ...], kind: str, any_file_name: bool = False) -> list[Path]:
+    """The file itself, or the files of the folder ending in one of suffixes (macOS `._*` skipped).
+    With any_file_name a single file is taken whatever its name (DICOM files often have no suffix)."""
+    if path.is_file():
+        if not any_file_name and not path.name.lower().endswith(suffixes):
+            raise SystemExit(f"{path}: not a {kind} file ({' or '.join(suffixes)}), which is what this "
+                             "checkpoint's task predicts. Pass a scan of that kind, or the checkpoint of its task.")
+        return [path]
+    if not path.is_dir():
+        raise SystemExit(f"{path}: no such file or folder. Pass --input a {kind} file or a folder of them.")
+    files = sorted(p for p in path.iterdir()
+                   if p.is_file() and p.name.lower().endswith(suffixes) and not p.name.startswith("._"))
+    if not files:
+        raise SystemExit(f"{path}: no {kind} files ({' or '.join(suffixes)}) in this folder. Pass --input the "
+                         f"folder that holds them (subfolders are not searched) or a single file.")
+    return files
+
+
+def check_shared_settings(checkpoints: list[dict], paths: list[str], spatial_dims: int) -> None:
+    """Probabilities can only be averaged on one grid: same preprocessing plan and windows."""
+    first = checkpoints[0]
+    for path, checkpoint in zip(paths[1:], checkpoints[1:]):
+        if checkpoint["plan"] != first["plan"]:
+            raise SystemExit(f"{path}: its preprocessing plan differs from {paths[0]}'s (spacing, "
+                             "normalisation or classes), so their probabilities lie on different grids. "
+                             "Average only checkpoints trained on the same preprocessed data (the folds of one run).")
+        for key in SHARED_SETTINGS[spatial_dims]:
+            if list(np.atleast_1d(checkpoint["config"][key])) != list(np.atleast_1d(first["config"][key])):
+                raise SystemExit(f"{path}: {key} {checkpoint['config'][key]} differs from "
+                                 f"{first['config'][key]} in {paths[0]}; checkpoints averaged together "
+                                 f"must share {', '.join(SHARED_SETTINGS[spatial_dims])}.")
+
+
+def build_segmentation_model(checkpoint: dict, path: str, spatial_dims: int, plan: PreprocessPlan) -> UNet:
+    """The U-Net with the constructor arguments its training script used, weights loaded."""
+    config = checkpoint["config"]
+    model = UNet(spatial_dims=spatial_dims, in_channels=len(plan.channel_schemes),
+                 num_classes=segmentation_outputs(spatial_dims, plan),
+                 base_channels=config["base_channels"], depth=config["depth"],
+                 max_channels=config["max_channels"], norm=config["norm"], upsample=config["upsample"],
+                 deep_supervision=config.get("deep_supervision", False))
+    load_weights(model, checkpoint, path)
+    return model
+
+
+def segmentation_outputs(spatial_dims: int, plan: PreprocessPlan) -> int:
+    """Logits of the recipe's U-Net: one per class in 3D; in 2D one sigmoid logit for a single
+    foreground class (engine/recipe2d.py)."""
+    return len(plan.labels) if spatial_dims == 3 else num_outputs(plan.labels)
+
+
+def load_weights(model: nn.Module, checkpoint: dict, path: str) -> None:
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise SystemExit(f"{path}: the weights do not fit the network rebuilt from its config ({error}). "
+                         "The checkpoint was edited or written by another version of the script.") from None
+
+
+def trained_flips(config: dict, spatial_dims: int) -> tuple[int, ...]:
+    """Axes the model saw flipped in training: mirroring along any other axis would show it images
+    it never learned (an atrium on the wrong side)."""
+    augment = config.get("augment", {})
+    axes, chance = (("mirror_axes", "p_mirror") if spatial_dims == 3 else ("flip_axes", "p_flip"))
+    return tuple(augment.get(axes, ())) if augment.get(chance, 0) > 0 else ()
+
+
+def volume_column(name: str) -> str:
+    return name.strip().lower().replace(" ", "_") + "_ml"
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def score_case(mask: np.ndarray, image: Volume, labels_dir: Path, case_id: str, label_names: dict[int, str],
+               tolerance_mm: float) -> dict[str, float]:
+    """Dice, HD95, NSD and volume difference of each class of ``mask`` (on ``image``'s canonical
+    grid) against ``labels_dir/<case_id>.nii[.gz]``, with the source spacing."""
+    candidates = [labels_dir / f"{case_id}{suffix}" for suffix in (".nii.gz", ".nii")]
+    found = [path for path in candidates if path.is_file()]
+    if not found:
+        raise SystemExit(f"--labels {labels_dir}: no reference mask for case {case_id} ({candidates[0].name}). "
+                         "Name the masks like the inputs, or leave out --labels.")
+    reference = read_nifti(found[0], is_label=True)
+    if reference.array.shape != mask.shape or not np.allclose(reference.affine, image.affine, atol=1e-3):
+        raise SystemExit(f"{found[0]}: its grid (shape {reference.source_shape}) differs from {image.path.name}'s; "
+                         f"it is not the reference mask of case {case_id}.")
+    num_classes = max(label_names) + 1
+    dice = dice_per_class(mask, reference.array, num_classes)
+    surface = surface_metrics_per_class(mask, reference.array, num_classes, reference.spacing, tolerance_mm)
+    scores = {}
+    for k in sorted(dice):
+        name = label_names[k].strip().lower().replace(" ", "_")
+        scores.update({f"dice_{name}": dice[k], f"hd95_{name}": surface[k]["hd95_mm"], f"nsd_{name}": surface[k]["nsd"],
+                       f"volume_difference_ml_{name}": surface[k]["volume_difference_ml"]})
+    return scores
+
+
+def predict_segmentations(checkpoints: list[dict], paths: list[str], task: str, input_path: Path, output: Path,
+                          tta: bool, keep_largest: bool, device: torch.device, amp: bool,
+                          amp_dtype: torch.dtype, labels_dir: Path | None = None,
+                          tolerance_mm: float = 2.0) -> list[dict]:
+    """Mask, montage and class volumes of every NIfTI case, and with ``labels_dir`` its scores;
+    returns one dict per case."""
+    spatial_dims = SEGMENTATION_TASKS[task]
+    check_shared_settings(checkpoints, paths, spatial_dims)
+    plan = PreprocessPlan.from_dict(checkpoints[0]["plan"])
+    config = checkpoints[0]["config"]
+    members = []
+    for checkpoint, path in zip(checkpoints, paths):
+        flips = trained_flips(checkpoint["config"], spatial_dims) if tta else ()
+        if tta and not flips:
+            tqdm.write(f"--tta: {path} was trained without flips, so it is not mirrored")
+        members.append((build_segmentation_model(checkpoint, path, spatial_dims, plan).to(device).eval(), flips))
+    outputs = segmentation_outputs(spatial_dims, plan)
+    model = ProbabilityAverage(members, outputs)
+
+    cases = find_inputs(input_path, (".nii", ".nii.gz"), "NIfTI")
+    case_ids = [case_id_from_path(case) for case in cases]
+    repeated = sorted({case_id for case_id in case_ids if case_ids.count(case_id) > 1})
+    if repeated:
+        raise SystemExit(f"{input_path}: several files give the case name(s) {repeated}; their masks would "
+                         "overwrite each other. Rename or move the extra files.")
+    output.mkdir(parents=True, exist_ok=True)
+    inputs = {case.resolve() for case in cases}
+    if any((output / f"{case_id}.nii.gz").resolve() in inputs for case_id in case_ids):
+        raise SystemExit(f"{output}: writing the masks here would overwrite the input images. Choose another --output.")
+
+    foreground = [k for k in sorted(plan.labels) if k > 0]
+    rows = []
+    for case, case_id in zip(tqdm(cases, desc="predict", unit="case"), case_ids):
+        volume = read_nifti(case)
+        image, properties = preprocess_image(volume, plan)  # (C, Z', Y', X') on the training grid
+        if spatial_dims == 3:
+            prediction = predict_volume(model, image, tuple(config["patch"]), outputs, device, amp, amp_dtype,
+                                        overlap=config["overlap"])
+        else:
+            prediction = predict_volume_slicewise(model, image, config["slice_axis"], tuple(config["image_size"]),
+                                                  config["fit"], outputs, device, amp, amp_dtype)
+        if keep_largest:
+            prediction = (keep_largest_foreground(prediction) if spatial_dims == 3
+                          else keep_largest_component(prediction, len(plan.labels)))
+        axis = config["slice_axis"] if spatial_dims == 2 else 0
+        save_montage(montage(image, np.zeros_like(prediction), prediction, axis), output / f"{case_id}.png")
+        mask = restore_to_source(prediction, properties)  # (Z, Y, X) on the source's canonical grid
+        write_nifti_like(mask, volume, output / f"{case_id}.nii.gz")
+        voxel_ml = abs(np.linalg.det(volume.source_affine[:3, :3])) / 1000  # mm^3 -> mL, oblique affines too
+        volumes = {plan.labels[k]: float(np.count_nonzero(mask == k) * voxel_ml) for k in foreground}
+        rows.append({"case": case_id, "mask": output / f"{case_id}.nii.gz", "volumes_ml": volumes})
+        if labels_dir is not None:
+            rows[-1]["scores"] = score_case(mask, volume, labels_dir, case_id, plan.labels, tolerance_mm)
+            write_scores(output / "scores.csv", rows)
+        # Rewritten after every case, so a long batch stopped midway keeps the volumes of what it wrote.
+        write_csv(output / "volumes.csv", ["case", *(volume_column(plan.labels[k]) for k in foreground)],
+                  [[row["case"], *(f"{v:.6f}" for v in row["volumes_ml"].values())] for row in rows])
+    return rows
+
+
+def write_scores(path: Path, rows: list[dict]) -> None:
+    """One row per scored case, then the mean over the cases (every figure is finite by the
+    conventions of engine/metrics.py and engine/surface_metrics.py, so the mean is too)."""
+    names = list(rows[0]["scores"])
+    table = [[row["case"], *(f"{row['scores'][name]:.6f}" for name in names)] for row in rows]
+    table.append(["mean", *(f"{np.mean([row['scores'][name] for row in rows]):.6f}" for name in names)])
+    write_csv(path, ["case", *names], table)
+
+
+def predict_radiographs(checkpoints: list[dict], paths: list[str], input_path: Path, output: Path,
+                        device: torch.device, amp: bool, amp_dtype: torch.dtype) -> list[dict]:
+    """Probability, decision and class activation map of every DICOM film; returns one dict per film."""
+    image_size = checkpoints[0]["image_size"]
+    for path, checkpoint in zip(paths[1:], checkpoints[1:]):
+        if checkpoint["image_size"] != image_size:
+            raise SystemExit(f"{path}: image size {checkpoint['image_size']} differs from {image_size} in "
+                             f"{paths[0]}; checkpoints averaged together must share it.")
+    members = []
+    for checkpoint, path in zip(checkpoints, paths):
+        model = ResNet18Classifier(in_channels=1, num_classes=1,  # as train_pneumonia.py builds it
+                                   output_stride=checkpoint["config"].get("output_stride", 32))
+        load_weights(model, checkpoint, path)
+        members.append((model.to(device).eval(), checkpoint["normalization"]))
+    # Each checkpoint's threshold was chosen on its own validation split; the ensemble takes their mean.
+    threshold = float(np.mean([checkpoint["threshold"] for checkpoint in checkpoints]))
+
+    films = find_inputs(input_path, (".dcm",), "DICOM", any_file_name=True)
+    rows = []
+    for film in tqdm(films, desc="predict", unit="image"):
+        pixels, _ = decode_and_resize(film, image_size)  # (H, W) uint8, windowed and resized as the training cache
+        probabilities, cams = [], []
+        for model, normalization in members:
+            image = (torch.from_numpy(pixels).float()[None, None] - normalization["mean"]) / normalization["std"]
+            image = image.to(device)  # (1, 1, H, W)
+            with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                logit = model(image)  # (1, 1)
+            probabilities.append(torch.sigmoid(logit.float())[0, 0].item())
+            cams.append(class_activation_maps(model, image)[0].cpu().numpy())  # (H, W)
+        probability = float(np.mean(probabilities))
+        decision = int(probability >= threshold)
+        patient_id = str(pydicom.dcmread(film, stop_before_pixels=True).get("PatientID", ""))
+        save_cam_overlay(output / "cam" / f"{film.stem}.png", pixels, np.mean(cams, axis=0),
+                         caption=f"p {probability:.2f}  {'positive' if decision else 'negative'}")
+        rows.append({"file": film.name, "patient_id": patient_id, "probability": probability,
+                     "threshold": threshold, "decision": decision})
+    output.mkdir(parents=True, exist_ok=True)
+    write_csv(output / "predictions.csv", ["file", "patient_id", "probability", "threshold", "decision"],
+              [[row["file"], row["patient_id"], f"{row['probability']:.6f}", f"{threshold:.6f}", row["decision"]]
+               for row in rows])
+    return rows
+
+
+def main(argv: list[str]) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    task, checkpoints = load_checkpoints(args.checkpoint)
+    device = pick_device(args.device)
+    amp_dtype = amp_dtype_for(device)
+    if args.amp and device.type == "cpu" and not has_fast_cpu_bf16():
+        tqdm.write("warning: this CPU has no native bf16 kernels, so --amp runs far slower than fp32 here")
+    input_path, output = Path(args.input), Path(args.output)
+    if task in CLASSIFICATION_TASKS:
+        rows = predict_radiographs(checkpoints, args.checkpoint, input_path, output, device, args.amp, amp_dtype)
+    else:
+        rows = predict_segmentations(checkpoints, args.checkpoint, task, input_path, output, args.tta,
+                                     args.keep_largest, device, args.amp, amp_dtype,
+                                     Path(args.labels) if args.labels else None, args.nsd_tolerance_mm)
+    tqdm.write(f"{task}: {len(rows)} prediction(s) written to {output}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

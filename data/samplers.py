@@ -20,7 +20,36 @@ import numpy as np
 from torch.utils.data import Sampler
 
 
-class WeightedSliceSampler(Sampler):
+class _SeededDrawSampler(Sampler):
+    """One draw with replacement per epoch from ``self.probabilities`` (set by the subclass), seeded
+    by (seed, epoch), yielding `(epoch, index, drawn)` keys; replica ``rank`` takes every
+    ``num_replicas``-th key."""
+
+    def __init__(self, num_samples: int, seed: int, num_replicas: int, rank: int):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in 0..{num_replicas - 1}")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        epoch = self.epoch
+        per_replica = len(self)
+        rng = np.random.default_rng([self.seed, epoch])
+        drawn = rng.choice(len(self.probabilities), size=per_replica * self.num_replicas, p=self.probabilities)
+        indices = range(self.rank, per_replica * self.num_replicas, self.num_replicas)
+        return iter([(epoch, index, int(drawn[index])) for index in indices])
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.num_replicas)
+
+
+class WeightedSliceSampler(_SeededDrawSampler):
     """Yields `(epoch, index, slice)` keys: `index` numbers the sample within the epoch (it seeds the
     sample's augmentation), `slice` is the drawn slice.
 
@@ -36,17 +65,11 @@ class WeightedSliceSampler(Sampler):
 
     def __init__(self, slice_has_foreground: np.ndarray, num_samples: int, foreground_share: float | None,
                  seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(num_samples, seed, num_replicas, rank)
         self.slice_has_foreground = np.asarray(slice_has_foreground, dtype=bool)
         if foreground_share is not None and not 0.0 <= foreground_share <= 1.0:
             raise ValueError(f"foreground_share must lie in [0, 1], got {foreground_share}")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in 0..{num_replicas - 1}")
-        self.num_samples = num_samples
         self.foreground_share = foreground_share
-        self.seed = seed
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.epoch = 0
         self.probabilities = self._slice_probabilities()
 
     def _slice_probabilities(self) -> np.ndarray:
@@ -58,22 +81,8 @@ class WeightedSliceSampler(Sampler):
         return np.where(self.slice_has_foreground, self.foreground_share / foreground,
                         (1.0 - self.foreground_share) / (count - foreground))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
-    def __iter__(self):
-        epoch = self.epoch
-        per_replica = len(self)
-        rng = np.random.default_rng([self.seed, epoch])
-        slices = rng.choice(len(self.probabilities), size=per_replica * self.num_replicas, p=self.probabilities)
-        indices = range(self.rank, per_replica * self.num_replicas, self.num_replicas)
-        return iter([(epoch, index, int(slices[index])) for index in indices])
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.num_replicas)
-
-
-class WeightedClassSampler(Sampler):
+class WeightedClassSampler(_SeededDrawSampler):
     """Yields `(epoch, index, sample)` keys drawn with replacement so that each class makes up a
     configured share of the draws (RSNA has ~22% positive patients: drawn uniformly, the classifier
     sees few positives and leans towards "normal"). Draws and DDP sharding work as in
@@ -92,18 +101,12 @@ class WeightedClassSampler(Sampler):
 
     def __init__(self, labels: np.ndarray, num_samples: int, class_shares: dict[int, float] | None,
                  seed: int, num_replicas: int = 1, rank: int = 0):
+        super().__init__(num_samples, seed, num_replicas, rank)
         self.labels = np.asarray(labels)
         if class_shares is not None and (min(class_shares.values()) < 0
                                          or not math.isclose(sum(class_shares.values()), 1.0)):
             raise ValueError(f"class shares must be non-negative and sum to 1, got {class_shares}")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in 0..{num_replicas - 1}")
-        self.num_samples = num_samples
         self.class_shares = class_shares
-        self.seed = seed
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.epoch = 0
         self.probabilities = self._sample_probabilities()
 
     def _sample_probabilities(self) -> np.ndarray:
@@ -116,17 +119,3 @@ class WeightedClassSampler(Sampler):
         # Within a class every sample is equally likely.
         per_sample = shares / shares.sum() / counts
         return per_sample[np.searchsorted(classes, self.labels)]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        epoch = self.epoch
-        per_replica = len(self)
-        rng = np.random.default_rng([self.seed, epoch])
-        samples = rng.choice(len(self.labels), size=per_replica * self.num_replicas, p=self.probabilities)
-        indices = range(self.rank, per_replica * self.num_replicas, self.num_replicas)
-        return iter([(epoch, index, int(samples[index])) for index in indices])
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.num_replicas)

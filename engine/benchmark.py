@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from engine.distributed import is_main_process
 from engine.logging import RunLogger
 from engine.train import train_one_epoch
 
@@ -75,7 +76,8 @@ def benchmark_training(model, loader, sampler, steps: int, loss_fn, optimizer, s
         "data_wait_fraction": timed["data_wait_fraction"],
         **peak_memory_mb(device),
     }
-    (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
+    if is_main_process():  # under torchrun each rank times its own steps; rank 0 reports
+        (out / "benchmark.json").write_text(json.dumps(results, indent=2) + "\n")
     logger.info(
         f"benchmark on {device}: {steps} steps, {results['steps_per_s']:.3f} steps/s, "
         f"{results['samples_per_s']:.2f} samples/s, data wait {100 * results['data_wait_fraction']:.1f}%, "

@@ -2,6 +2,10 @@
 a self-contained checkpoint, exact resume, and the pos_weight / Grad-CAM options."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +92,15 @@ def test_benchmark_mode(tmp_path, cache_dir):
     results = run(tmp_path / "bench", cache_dir, "--benchmark", "2")
     assert results["steps"] == 2 and results["samples_per_s"] > 0
     assert not list((tmp_path / "bench").glob("*.pt"))
+
+
+def test_torchrun_two_cpu_processes_train_with_batch_norm_and_rank_zero_alone_writes(tmp_path, cache_dir):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "train_pneumonia.py", *TINY, "--device", "cpu", "--epochs", "1", "--cache-dir", str(cache_dir),
+               "--out", str(out)]
+    finished = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, check=False)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+    assert np.isfinite(json.loads((out / "metrics.json").read_text())["auc"])

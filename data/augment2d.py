@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import scipy.ndimage
 
-from data.augment3d import adjust_contrast, adjust_gamma
+from data.augment3d import adjust_contrast, adjust_gamma, sample_nearest
 
 
 @dataclass
@@ -203,10 +203,7 @@ def warp_2d(
                                       mode="constant", cval=float(fill[channel]))
     if mask is None:
         return warped, None
-    mask = np.asarray(mask)
-    warped_mask = scipy.ndimage.map_coordinates(mask, coordinates, output=mask.dtype, order=0,
-                                                mode="constant", cval=0)
-    return warped, warped_mask
+    return warped, sample_nearest(np.asarray(mask), coordinates)
 
 
 def augment_intensity_2d(image: np.ndarray, rng: np.random.Generator, config: Augment2DConfig) -> np.ndarray:

@@ -238,10 +238,33 @@ def apply_spatial_transform(
             mode="constant",
             cval=float(channel_min[channel]),
         )
-    patch_label = scipy.ndimage.map_coordinates(
-        label_box, coordinates, output=np.uint8, order=0, mode="constant", cval=0
-    )
-    return patch_image, patch_label
+    return patch_image, sample_nearest(label_box, coordinates)
+
+
+def sample_nearest(label: np.ndarray, coordinates: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour samples of `label` at `coordinates`; class 0 outside the array.
+
+    Equals `scipy.ndimage.map_coordinates(label, coordinates, order=0, mode="constant")` at about half
+    its cost: labels need no spline machinery, only rounded indices and one gather.
+
+    Args:
+        label: `(Z, Y, X)` (or `(H, W)`) integer array.
+        coordinates: `(3, D, H, W)` (or `(2, H', W')`) float voxel coordinates into `label`.
+
+    Returns:
+        `(D, H, W)` (or `(H', W')`) of the label's dtype.
+    """
+    flat_index = np.zeros(coordinates.shape[1:], dtype=np.intp)
+    inside = np.ones(coordinates.shape[1:], dtype=bool)
+    for axis, size in enumerate(label.shape):
+        inside &= (coordinates[axis] >= 0) & (coordinates[axis] <= size - 1)  # scipy's "constant" bounds
+        index = np.floor(coordinates[axis] + np.float32(0.5)).astype(np.intp)
+        np.clip(index, 0, size - 1, out=index)
+        flat_index *= size
+        flat_index += index
+    samples = np.ascontiguousarray(label).ravel().take(flat_index)
+    samples[~inside] = 0
+    return samples
 
 
 def _slice_patch(
@@ -261,12 +284,17 @@ def _slice_patch(
         high = max(high, low)
         source.append(slice(low, high))
         target.append(slice(low - int(start[axis]), high - int(start[axis])))
+    flip_axes = tuple(axis for axis in range(3) if mirror[axis])
+    if all(high - low == size for (low, high), size in zip(((s.start, s.stop) for s in source), patch_size)):
+        # Inside the volume: one copy straight from the (flipped) view, no padding buffer.
+        image_view = np.flip(image[(slice(None), *source)], tuple(axis + 1 for axis in flip_axes))
+        label_view = np.flip(label[tuple(source)], flip_axes)
+        return np.array(image_view, dtype=np.float32, order="C"), np.array(label_view, dtype=np.uint8, order="C")
     patch_image = np.empty((image.shape[0], *patch_size), dtype=np.float32)
     patch_image[:] = np.asarray(channel_min, dtype=np.float32)[:, None, None, None]
     patch_label = np.zeros(patch_size, dtype=np.uint8)
     patch_image[(slice(None), *target)] = image[(slice(None), *source)]
     patch_label[tuple(target)] = label[tuple(source)]
-    flip_axes = tuple(axis for axis in range(3) if mirror[axis])
     if flip_axes:
         patch_image = np.ascontiguousarray(np.flip(patch_image, axis=tuple(axis + 1 for axis in flip_axes)))
         patch_label = np.ascontiguousarray(np.flip(patch_label, axis=flip_axes))
@@ -287,7 +315,9 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator, config: Augme
     image = image.copy()
     if rng.uniform() < config.p_noise:
         variance = rng.uniform(*config.noise_variance_range)
-        image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(math.sqrt(variance))
+        noise = rng.standard_normal(image.shape, dtype=np.float32)
+        noise *= np.float32(math.sqrt(variance))
+        image += noise
     if rng.uniform() < config.p_blur:
         for channel in range(image.shape[0]):
             sigma = rng.uniform(*config.blur_sigma_range, size=3)
@@ -335,9 +365,18 @@ def adjust_gamma(channel: np.ndarray, gamma: float, retain_stats: bool) -> np.nd
     """
     low, high = channel.min(), channel.max()
     span = max(high - low, np.float32(1e-7))
-    result = np.power((channel - low) / span, np.float32(gamma)) * span + low
+    # In place, one buffer: the same arithmetic as the expression, without five temporaries.
+    result = channel - low
+    result /= span
+    np.power(result, np.float32(gamma), out=result)
+    result *= span
+    result += low
     if retain_stats:
-        result = (result - result.mean()) / (result.std() + np.float32(1e-7)) * channel.std() + channel.mean()
+        mean, std = result.mean(), result.std()
+        result -= mean
+        result /= std + np.float32(1e-7)
+        result *= channel.std()
+        result += channel.mean()
     return result.astype(np.float32, copy=False)
 
 

@@ -9,7 +9,7 @@ arrays as memory maps inside each worker on first use and reads only the region 
     loader = DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=8, persistent_workers=True)
     for epoch in range(num_epochs):
         sampler.set_epoch(epoch)
-        for batch in loader: ...  # batch["image"] (B, C, D, H, W) float32, batch["label"] (B, D, H, W) int64
+        for batch in loader: ...  # batch["image"] (B, C, D, H, W) float32, batch["label"] (B, D, H, W) uint8
 """
 
 import json
@@ -104,7 +104,8 @@ class PatchDataset(Dataset):
         augment: augmentation config; `Augment3DConfig.none()` for plain crops.
         seed: base seed of every sample's generator.
 
-    Items are `{"image": (C, D, H, W) float32, "label": (D, H, W) int64}` tensors.
+    Items are `{"image": (C, D, H, W) float32, "label": (D, H, W) uint8}` tensors: class indices stay
+    one byte per voxel through collation and the host-to-device copy (the losses take any integer type).
     """
 
     def __init__(
@@ -160,7 +161,7 @@ class PatchDataset(Dataset):
         image = augment_intensity(image, rng, self.augment)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
-            "label": torch.from_numpy(label.astype(np.int64)),
+            "label": torch.from_numpy(np.ascontiguousarray(label, dtype=np.uint8)),
         }
 
 

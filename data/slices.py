@@ -13,7 +13,7 @@ memory maps on first use and read only the slices they need.
     dataset = SliceDataset(entry, train_ids, axis=0, image_size=(256, 256), fit="resize",
                            augment=Augment2DConfig(), seed=0)
     sampler = WeightedSliceSampler(dataset.slice_has_foreground, 2000, foreground_share=0.5, seed=0)
-    # batch["image"] (B, C, H, W) float32, batch["label"] (B, H, W) int64
+    # batch["image"] (B, C, H, W) float32, batch["label"] (B, H, W) uint8
 """
 
 from pathlib import Path
@@ -59,7 +59,7 @@ class SliceDataset(Dataset):
         slices: `(N, 2)` int64 (position in case_ids, slice index).
         slice_has_foreground: `(N,)` bool, for `WeightedSliceSampler`.
 
-    Items are `{"image": (C, H, W) float32, "label": (H, W) int64}` tensors.
+    Items are `{"image": (C, H, W) float32, "label": (H, W) uint8}` tensors.
     """
 
     def __init__(self, cache_dir: Path, case_ids: list[str], axis: int, image_size: tuple[int, int], fit: str,
@@ -116,4 +116,4 @@ class SliceDataset(Dataset):
         fill = np.asarray(case.properties["channel_min"], dtype=np.float32)
         image, label = warp_2d(image, label, coordinates, fill, self.augment.image_order)
         image = augment_intensity_2d(image, rng, self.augment)
-        return {"image": torch.from_numpy(image), "label": torch.from_numpy(label.astype(np.int64))}
+        return {"image": torch.from_numpy(image), "label": torch.from_numpy(label.astype(np.uint8, copy=False))}

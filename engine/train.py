@@ -35,7 +35,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device
         for batch in loader:
             data_wait += time.perf_counter() - waiting_since
             image = batch["image"].to(device, non_blocking=True, memory_format=memory_format)  # (B, C, *spatial)
-            label = batch["label"].to(device, non_blocking=True)  # (B, *spatial) int64
+            label = batch["label"].to(device, non_blocking=True)  # (B, *spatial) integer (uint8 masks)
 
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 output = model(image)

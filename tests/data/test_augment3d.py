@@ -12,6 +12,7 @@ from data.augment3d import (
     apply_spatial_transform,
     augment_intensity,
     make_coordinate_map,
+    sample_nearest,
     sample_spatial_transform,
     simulate_low_resolution,
 )
@@ -246,3 +247,17 @@ def test_low_resolution_upsampling_equals_scipy_zoom():
     reference = scipy.ndimage.zoom(small, np.asarray(channel.shape) / np.asarray(small.shape), order=3)
     assert result.shape == channel.shape and result.dtype == np.float32
     np.testing.assert_allclose(result, reference, atol=1e-4)
+
+
+def test_nearest_label_sampling_equals_scipy_order_zero_at_edges_and_halves():
+    rng = np.random.default_rng(3)
+    label = rng.integers(0, 5, size=(9, 11, 13)).astype(np.uint8)
+    coordinates = rng.uniform(-1.5, 14.5, size=(3, 17, 19, 21)).astype(np.float32)
+    coordinates[:, :6] = np.round(coordinates[:, :6] * 2) / 2  # exact halves and the volume's edges
+    expected = scipy.ndimage.map_coordinates(label, coordinates, order=0, mode="constant", cval=0)
+    sampled = sample_nearest(label, coordinates)
+    assert sampled.dtype == np.uint8 and (expected == 0).mean() > 0.3  # many points fall outside
+    np.testing.assert_array_equal(sampled, expected)
+    # 2D masks use the same function
+    np.testing.assert_array_equal(sample_nearest(label[4], coordinates[1:, 0]),
+                                  scipy.ndimage.map_coordinates(label[4], coordinates[1:, 0], order=0))

@@ -92,7 +92,7 @@ def test_same_key_same_sample_and_new_epoch_new_sample(cache_dir):
     dataset = _dataset(cache_dir)
     first, again = dataset[(0, 3)], dataset[(0, 3)]
     assert first["image"].dtype == torch.float32 and first["image"].shape == (2, 9, 15, 13)
-    assert first["label"].dtype == torch.int64 and first["label"].shape == (9, 15, 13)
+    assert first["label"].dtype == torch.uint8 and first["label"].shape == (9, 15, 13)
     assert first["image"].is_contiguous() and first["label"].is_contiguous()
     torch.testing.assert_close(first["image"], again["image"], rtol=0, atol=0)
     torch.testing.assert_close(first["label"], again["label"], rtol=0, atol=0)

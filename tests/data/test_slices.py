@@ -43,7 +43,7 @@ def test_plain_slices_are_the_cached_slices_along_any_axis(entry, axis):
     assert position == 1
     sample = dataset[(0, 0, number)]
     assert sample["image"].shape == (1, *size) and sample["image"].dtype == torch.float32
-    assert sample["label"].shape == size and sample["label"].dtype == torch.int64
+    assert sample["label"].shape == size and sample["label"].dtype == torch.uint8
     np.testing.assert_allclose(sample["image"].numpy(), take_slice(case.image, axis, index), atol=1e-5)
     np.testing.assert_array_equal(sample["label"].numpy(), take_slice(case.label, axis, index))
     np.testing.assert_array_equal(dataset.slice_has_foreground[len(dataset) - case.label.shape[axis]:],

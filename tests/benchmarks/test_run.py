@@ -1,0 +1,28 @@
+"""Smoke test of `benchmarks/run.py --quick`: it runs and reports; no timing is asserted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_quick_benchmark_prints_the_table_and_writes_json(tmp_path):
+    out = tmp_path / "results.json"
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache")],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = completed.stdout
+    assert "| ours (data.patches.PatchDataset) |" in report and "| target | measured | wanted | met |" in report
+    results = json.loads(out.read_text())
+    for column in ("16 full", "24 full", "16 light", "24 light"):
+        ours = results["3d"][column]["ours (data.patches.PatchDataset)"]
+        assert ours["median"] > 0 and ours["min"] <= ours["median"] <= ours["max"]
+    assert results["3d"]["16 full"]["floor: scipy map_coordinates, order 1 + 0"]["median"] > 0
+    assert results["sliding_window"]["windows"] > 0 and results["engine_step"]["bare loop"]["median"] > 0
+    # Every peer either ran or is named as skipped.
+    peers = ["TorchIO, Queue", "TorchIO, sample", "MONAI, RandCrop", "batchgenerators (", "batchgeneratorsv2", "Albumentations"]
+    for peer in peers:
+        assert peer in report

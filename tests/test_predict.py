@@ -12,6 +12,7 @@ import torch
 import predict
 import train_atrium
 import train_liver3d
+import train_lung
 import train_pneumonia
 from data.synthetic.msd_layout import write_nifti
 from engine.checkpoint import load_checkpoint, save_checkpoint
@@ -23,6 +24,9 @@ LIVER = ["--synthetic-matrix", "24", "--synthetic-cases", "4", "--val-fraction",
 ATRIUM = ["--synthetic-matrix", "24", "--synthetic-cases", "4", "--val-fraction", "0.25", "--image-size", "24",
           "--base-channels", "4", "--depth", "3", "--samples-per-epoch", "8", "--batch-size", "4", "--epochs", "1",
           "--warmup-steps", "1", "--workers", "0"]
+LUNG = ["--synthetic-matrix", "32", "--synthetic-cases", "4", "--val-fraction", "0.25", "--image-size", "16",
+        "--base-channels", "4", "--depth", "3", "--samples-per-epoch", "8", "--batch-size", "4", "--epochs", "1",
+        "--workers", "0"]
 PNEUMONIA = ["--synthetic-patients", "12", "--synthetic-matrix", "48", "--image-size", "32", "--batch-size", "4",
              "--epochs", "1", "--warmup-steps", "1", "--cam-images", "1", "--val-fraction", "0.3", "--workers", "0"]
 
@@ -43,6 +47,13 @@ def liver_checkpoint(cache_dir, tmp_path_factory):
 def atrium_checkpoint(cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("atrium") / "run"
     train_atrium.main([*ATRIUM, "--cache-dir", str(cache_dir), "--out", str(out)])
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def lung_checkpoint(cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lung") / "run"
+    train_lung.main([*LUNG, "--cache-dir", str(cache_dir), "--out", str(out)])
     return out / "best.pt"
 
 
@@ -125,6 +136,28 @@ def test_2d_mask_keeps_the_source_geometry_and_skips_other_files(atrium_checkpoi
         assert set(np.unique(mask)) <= labels_of(atrium_checkpoint)
         assert (tmp_path / "out" / f"{case}.png").is_file()
     assert [row["case"] for row in read_csv(tmp_path / "out" / "volumes.csv")] == ["heart_3", "heart_4"]
+
+
+def test_lung_sigmoid_mask_keeps_the_oblique_geometry_and_scores_against_labels(lung_checkpoint, cache_dir,
+                                                                                 tmp_path):
+    affine = oblique_affine((0.9, -1.1, 2.5), (12, -8), (-30.0, 12.0, -150.0))
+    image = oblique_scan(cache_dir, "Task06_Lung", np.s_[1:31, 2:29, :], affine, tmp_path / "in" / "lung_7.nii.gz")
+    label_source = min((cache_dir / "synthetic").glob("Task06_Lung*/labelsTr/*.nii.gz"))
+    labels = tmp_path / "labels" / "lung_7.nii.gz"
+    labels.parent.mkdir()
+    write_nifti(np.asanyarray(nib.load(label_source).dataobj)[1:31, 2:29, :], affine, labels)
+    rows = predict.main(["--checkpoint", str(lung_checkpoint), "--input", str(image), "--output",
+                         str(tmp_path / "out"), "--labels", str(labels.parent)])
+    mask = assert_same_geometry(tmp_path / "out" / "lung_7.nii.gz", image)
+    assert set(np.unique(mask)) <= {0, 1}  # one sigmoid logit: tumour or not
+    assert [row["case"] for row in rows] == ["lung_7"]
+    (row,) = read_csv(tmp_path / "out" / "volumes.csv")
+    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000
+    assert set(row) == {"case", "tumour_ml"}
+    assert float(row["tumour_ml"]) == pytest.approx(np.count_nonzero(mask == 1) * voxel_ml, abs=1e-5)
+    scores = read_csv(tmp_path / "out" / "scores.csv")
+    assert [row["case"] for row in scores] == ["lung_7", "mean"]
+    assert 0 <= float(scores[0]["dice_tumour"]) <= 1
 
 
 def test_pneumonia_folder_gives_probabilities_decisions_and_cams(pneumonia_checkpoint, cache_dir, tmp_path):

@@ -97,10 +97,11 @@ def torch_floor(volume: BenchmarkVolume, patch_size: tuple[int, int, int]) -> Pa
 
 
 def augment_config_2d(spec: AugmentationSpec) -> Augment2DConfig:
-    """Our 2D settings for the 2D row: affine, elastic, flips, gamma and noise, all with probability 1."""
+    """Our 2D settings for the 2D row: affine (our default shift of up to 10%), elastic, flips, gamma and
+    noise, all with probability 1."""
     noise_std = (float(np.sqrt(spec.noise_variance_range[0])), float(np.sqrt(spec.noise_variance_range[1])))
     return replace(Augment2DConfig.none(), p_rotation=1.0, rotation_range_deg=spec.rotation_deg, p_scale=1.0,
-                   scale_range=spec.scale_range, p_translate=1.0, translate_fraction=0.0625, p_elastic=1.0,
+                   scale_range=spec.scale_range, p_translate=1.0, p_elastic=1.0,
                    elastic_sigma_range=spec.elastic_sigma_range, elastic_max_magnitude=spec.elastic_max_displacement,
                    flip_axes=(0, 1), p_flip=0.5, p_gamma=1.0, gamma_range=spec.gamma_range, p_noise=1.0,
                    noise_std_range=noise_std)

@@ -509,30 +509,13 @@ def albumentations_2d(
     span = max(float(image.max()) - low, 1e-6)
     unit = np.ascontiguousarray((image - low) / span, dtype=np.float32)
     mask = np.ascontiguousarray(mask, dtype=np.uint8)
-    linear, nearest, constant = cv2.INTER_LINEAR, cv2.INTER_NEAREST, cv2.BORDER_CONSTANT
+    # Image linear, mask nearest, outside = 0 (the slice minimum), always applied.
+    resampling = {"interpolation": cv2.INTER_LINEAR, "mask_interpolation": cv2.INTER_NEAREST,
+                  "border_mode": cv2.BORDER_CONSTANT, "fill": 0.0, "fill_mask": 0, "p": 1.0}
     pipeline = A.Compose(
         [
-            A.Affine(
-                rotate=(-15.0, 15.0),
-                scale=(1 / 1.25, 1 / 0.85),
-                translate_percent=(-0.1, 0.1),
-                interpolation=linear,
-                mask_interpolation=nearest,
-                border_mode=constant,
-                fill=0.0,
-                fill_mask=0,
-                p=1.0,
-            ),
-            A.ElasticTransform(
-                alpha=360.0,
-                sigma=10.0,
-                interpolation=linear,
-                mask_interpolation=nearest,
-                border_mode=constant,
-                fill=0.0,
-                fill_mask=0,
-                p=1.0,
-            ),
+            A.Affine(rotate=(-15.0, 15.0), scale=(1 / 1.25, 1 / 0.85), translate_percent=(-0.1, 0.1), **resampling),
+            A.ElasticTransform(alpha=360.0, sigma=10.0, **resampling),
             A.HorizontalFlip(p=0.5),
             A.VerticalFlip(p=0.5),
             A.RandomGamma(gamma_limit=(70, 150), p=1.0),

@@ -285,7 +285,7 @@ def _slice_patch(
         source.append(slice(low, high))
         target.append(slice(low - int(start[axis]), high - int(start[axis])))
     flip_axes = tuple(axis for axis in range(3) if mirror[axis])
-    if all(high - low == size for (low, high), size in zip(((s.start, s.stop) for s in source), patch_size)):
+    if all(region.stop - region.start == size for region, size in zip(source, patch_size)):
         # Inside the volume: one copy straight from the (flipped) view, no padding buffer.
         image_view = np.flip(image[(slice(None), *source)], tuple(axis + 1 for axis in flip_axes))
         label_view = np.flip(label[tuple(source)], flip_axes)

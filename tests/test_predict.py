@@ -3,6 +3,7 @@ class volumes, probability averaging of several checkpoints, chest X-ray probabi
 and the errors a user meets."""
 
 import csv
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -36,32 +37,31 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+def train_tiny(recipe, flags, cache_dir, folder: Path) -> Path:
+    """Train one tiny run of ``recipe`` and return its best checkpoint."""
+    out = folder / "run"
+    recipe.main([*flags, "--cache-dir", str(cache_dir), "--out", str(out)])
+    return out / "best.pt"
+
+
 @pytest.fixture(scope="module")
 def liver_checkpoint(cache_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("liver") / "run"
-    train_liver3d.main([*LIVER, "--cache-dir", str(cache_dir), "--out", str(out)])
-    return out / "best.pt"
+    return train_tiny(train_liver3d, LIVER, cache_dir, tmp_path_factory.mktemp("liver"))
 
 
 @pytest.fixture(scope="module")
 def atrium_checkpoint(cache_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("atrium") / "run"
-    train_atrium.main([*ATRIUM, "--cache-dir", str(cache_dir), "--out", str(out)])
-    return out / "best.pt"
+    return train_tiny(train_atrium, ATRIUM, cache_dir, tmp_path_factory.mktemp("atrium"))
 
 
 @pytest.fixture(scope="module")
 def lung_checkpoint(cache_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lung") / "run"
-    train_lung.main([*LUNG, "--cache-dir", str(cache_dir), "--out", str(out)])
-    return out / "best.pt"
+    return train_tiny(train_lung, LUNG, cache_dir, tmp_path_factory.mktemp("lung"))
 
 
 @pytest.fixture(scope="module")
 def pneumonia_checkpoint(cache_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pneumonia") / "run"
-    train_pneumonia.main([*PNEUMONIA, "--cache-dir", str(cache_dir), "--out", str(out)])
-    return out / "best.pt"
+    return train_tiny(train_pneumonia, PNEUMONIA, cache_dir, tmp_path_factory.mktemp("pneumonia"))
 
 
 def oblique_affine(spacing, degrees, origin) -> np.ndarray:

@@ -23,6 +23,7 @@ for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 import argparse
 import json
 import platform
+import shlex
 import subprocess
 import statistics
 import sys
@@ -214,18 +215,30 @@ def measure_engine_step(size: int, steps: int, repeats: int) -> dict:
             "engine_cost_fraction": statistics.median(fixed_ms) / 1000 / statistics.median(seconds["bare loop"])}
 
 
-def measure_end_to_end(steps: int, worker_counts: list[int], cache_dir: Path) -> dict:
-    """`train_liver3d.py --benchmark N` at its phantom defaults for a few --workers values (all threads)."""
+def measure_end_to_end(steps: int, worker_counts: list[int], extra_args: list[str], cache_dir: Path) -> dict:
+    """`train_liver3d.py --benchmark N [extra_args]` for a few --workers values, with all threads.
+
+    Without extra arguments this is the phantom default on the CPU; on a GPU machine, e.g.
+    ``--end-to-end-args="--patch 128 --amp --compile"`` times the headline recipe."""
     results = {}
     for workers in worker_counts:
         out = cache_dir / f"end_to_end_workers{workers}"
         command = [sys.executable, str(REPO / "train_liver3d.py"), "--benchmark", str(steps), "--workers",
-                   str(workers), "--out", str(out), "--cache-dir", str(cache_dir / "liver_cache")]
+                   str(workers), "--out", str(out), "--cache-dir", str(cache_dir / "liver_cache"), *extra_args]
         print(" ".join(command[1:]), file=sys.stderr)
         environment = {key: value for key, value in os.environ.items() if not key.endswith("_NUM_THREADS")}
         subprocess.run(command, check=True, cwd=REPO, env=environment, stdout=subprocess.DEVNULL)
         results[workers] = json.loads((out / "benchmark.json").read_text())
     return results
+
+
+def machine_name() -> str:
+    """Processor, core count, library versions, and the GPU when there is one."""
+    name = (f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"numpy {np.__version__}")
+    if torch.cuda.is_available():
+        name += f", GPU {torch.cuda.get_device_name()}"
+    return name
 
 
 def cpu_name() -> str:
@@ -325,11 +338,15 @@ def markdown(results: dict, sizes: list[int], targets: list, notes: list[str]) -
         lines += [f"| {name} | {format_rate(results['engine_step'][name])} |"
                   for name in ("engine.train.train_one_epoch", "bare loop")]
     if results.get("end_to_end"):
-        title = "`train_liver3d.py --benchmark` (phantom defaults, all cores), --workers"
-        lines += ["", f"| {title} | steps/s | samples/s | data wait |", "|---|---|---|---|"]
+        flags = " ".join(["--benchmark", str(results["end_to_end_steps"]), *results["end_to_end_args"]])
+        title = (f"| `train_liver3d.py {flags}` (all threads), --workers | steps/s | samples/s | data wait "
+                 "| first step (s) | peak RSS (MB) | CUDA max allocated (MB) |")
+        lines += ["", title, "|---" * 7 + "|"]
         for workers, figures in results["end_to_end"].items():
+            cuda = figures.get("cuda_max_allocated_mb")
             lines.append(f"| {workers} | {figures['steps_per_s']:.3f} | {figures['samples_per_s']:.2f} | "
-                         f"{100 * figures['data_wait_fraction']:.1f}% |")
+                         f"{100 * figures['data_wait_fraction']:.1f}% | {figures['first_step_s']:.1f} | "
+                         f"{figures['peak_rss_mb']:.0f} | {'-' if cuda is None else f'{cuda:.0f}'} |")
     lines += ["", "| target | measured | wanted | met |", "|---|---|---|---|"]
     for name, measured, threshold, met in targets:
         shown = "-" if measured is None else f"{measured:.2f}"
@@ -352,6 +369,9 @@ def main() -> None:
                         help=f"comma-separated parts to run (default all): {','.join(SECTIONS)}")
     parser.add_argument("--end-to-end-steps", type=int, default=30,
                         help="steps of train_liver3d.py --benchmark per worker count (0 skips it)")
+    parser.add_argument("--end-to-end-workers", default="0,1,2", help="comma-separated --workers values to time")
+    parser.add_argument("--end-to-end-args", default="",
+                        help='more train_liver3d.py flags for the end-to-end part, e.g. "--patch 128 --amp --compile"')
     args = parser.parse_args()
     torch.set_num_threads(1)
     cache_dir = Path(args.cache_dir)
@@ -364,11 +384,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     notes: list[str] = []
-    volume = make_volume(cache_dir / "phantom", volume_shape)
+    needs_volume = {"augment3d", "augment2d", "sliding_window"} & set(sections)
+    volume = make_volume(cache_dir / "phantom", volume_shape) if needs_volume else None
     timing_repeats = repeats if args.quick else max(repeats, 5)
     results = {
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores, "
-                   f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
+        "machine": machine_name(),
         "repeats": repeats,
         "timing_repeats": timing_repeats,
         "volume_shape": volume_shape,
@@ -388,7 +408,9 @@ def main() -> None:
         print("engine step", file=sys.stderr)
         results["engine_step"] = measure_engine_step(engine_size, steps, 2 * timing_repeats)
     if "end_to_end" in sections and not args.quick and args.end_to_end_steps > 0:
-        results["end_to_end"] = measure_end_to_end(args.end_to_end_steps, [0, 1, 2], cache_dir)
+        results["end_to_end_steps"], results["end_to_end_args"] = args.end_to_end_steps, shlex.split(args.end_to_end_args)
+        workers = [int(count) for count in args.end_to_end_workers.split(",")]
+        results["end_to_end"] = measure_end_to_end(args.end_to_end_steps, workers, results["end_to_end_args"], cache_dir)
     targets = check_targets(results, sizes)
     results["targets"] = [dict(zip(("target", "measured", "wanted", "met"), row)) for row in targets]
     report = markdown(results, sizes, targets, notes)

@@ -26,3 +26,16 @@ def test_quick_benchmark_prints_the_table_and_writes_json(tmp_path):
     peers = ["TorchIO, Queue", "TorchIO, sample", "MONAI, RandCrop", "batchgenerators (", "batchgeneratorsv2", "Albumentations"]
     for peer in peers:
         assert peer in report
+
+
+def test_end_to_end_part_times_the_training_script_with_extra_flags(tmp_path):
+    out = tmp_path / "results.json"
+    flags = "--synthetic-matrix 24 --synthetic-cases 4 --patch 16,24,24 --base-channels 4 --depth 3"
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--sections", "end_to_end", "--end-to-end-steps", "2",
+         "--end-to-end-workers", "0", f"--end-to-end-args={flags}", "--out", str(out), "--cache-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    figures = json.loads(out.read_text())["end_to_end"]["0"]
+    assert figures["steps"] == 2 and figures["samples_per_s"] > 0 and 0 <= figures["data_wait_fraction"] <= 1
+    assert f"`train_liver3d.py --benchmark 2 {flags}`" in completed.stdout

@@ -219,7 +219,7 @@ def augment_intensity_2d(image: np.ndarray, rng: np.random.Generator, config: Au
     if rng.uniform() < config.p_gamma:
         for channel in range(image.shape[0]):
             gamma = _sample_gamma(rng, config.gamma_range)
-            image[channel] = adjust_gamma(image[channel], gamma, retain_stats=True)
+            adjust_gamma(image[channel], gamma, retain_stats=True, out=image[channel])
     if rng.uniform() < config.p_brightness:
         multiplier = rng.uniform(*config.brightness_range, size=image.shape[0]).astype(np.float32)
         image *= multiplier[:, None, None]

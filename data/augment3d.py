@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import scipy.ndimage
+import torch
 
 
 @dataclass
@@ -315,7 +316,7 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator, config: Augme
     image = image.copy()
     if rng.uniform() < config.p_noise:
         variance = rng.uniform(*config.noise_variance_range)
-        noise = rng.standard_normal(image.shape, dtype=np.float32)
+        noise = standard_normal(rng, image.shape)
         noise *= np.float32(math.sqrt(variance))
         image += noise
     if rng.uniform() < config.p_blur:
@@ -335,12 +336,25 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator, config: Augme
     if rng.uniform() < config.p_inverted_gamma:
         for channel in range(image.shape[0]):
             gamma = _sample_gamma(rng, config.gamma_range)
-            image[channel] = -adjust_gamma(-image[channel], gamma, config.gamma_retain_stats)
+            np.negative(image[channel], out=image[channel])
+            adjust_gamma(image[channel], gamma, config.gamma_retain_stats, out=image[channel])
+            np.negative(image[channel], out=image[channel])
     if rng.uniform() < config.p_gamma:
         for channel in range(image.shape[0]):
             gamma = _sample_gamma(rng, config.gamma_range)
-            image[channel] = adjust_gamma(image[channel], gamma, config.gamma_retain_stats)
+            adjust_gamma(image[channel], gamma, config.gamma_retain_stats, out=image[channel])
     return image
+
+
+def standard_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 N(0, 1) samples of `shape`, from a torch generator seeded by `rng`.
+
+    torch's vectorised sampler fills a patch about twice as fast as NumPy's ziggurat, and noise is the
+    largest single cost of a patch without spatial augmentation. Seeding from `rng` keeps the sample a
+    pure function of its seed, independent of torch's global generator.
+    """
+    generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
+    return torch.randn(shape, generator=generator).numpy()
 
 
 def _sample_gamma(rng: np.random.Generator, gamma_range: tuple[float, float]) -> float:
@@ -358,26 +372,43 @@ def adjust_contrast(channel: np.ndarray, factor: float) -> np.ndarray:
     return np.clip(stretched, channel.min(), channel.max())
 
 
-def adjust_gamma(channel: np.ndarray, gamma: float, retain_stats: bool) -> np.ndarray:
+def adjust_gamma(
+    channel: np.ndarray, gamma: float, retain_stats: bool, out: np.ndarray | None = None
+) -> np.ndarray:
     """Gamma on one channel `(D, H, W)` rescaled to [0, 1] and back, keeping range or mean/std.
 
     Without `retain_stats` the result spans the same [min, max]; with it, the same mean and std.
+    `out` may be `channel` itself, for an in-place change.
     """
     low, high = channel.min(), channel.max()
     span = max(high - low, np.float32(1e-7))
-    # In place, one buffer: the same arithmetic as the expression, without five temporaries.
-    result = channel - low
-    result /= span
-    np.power(result, np.float32(gamma), out=result)
-    result *= span
-    result += low
     if retain_stats:
-        mean, std = result.mean(), result.std()
-        result -= mean
-        result /= std + np.float32(1e-7)
-        result *= channel.std()
-        result += channel.mean()
-    return result.astype(np.float32, copy=False)
+        mean, std = _mean_and_std(channel)
+    result = np.subtract(channel, low, out=out)
+    result /= span
+    # x ** gamma as exp(gamma * log x): the same values to a few ulp at about half np.power's cost.
+    with np.errstate(divide="ignore"):  # log(0) = -inf, and exp(-inf) = 0 as it should
+        np.log(result, out=result)
+    result *= np.float32(gamma)
+    np.exp(result, out=result)
+    if retain_stats:
+        # Rescaling by span and low, then standardising, is one affine map of `result`.
+        new_mean, new_std = _mean_and_std(result)
+        scale = span * std / (span * new_std + np.float32(1e-7))
+        result *= scale
+        result += mean - new_mean * scale
+    else:
+        result *= span
+        result += low
+    return result
+
+
+def _mean_and_std(array: np.ndarray) -> tuple[np.float32, np.float32]:
+    """Mean and population standard deviation, the mean computed once."""
+    mean = array.mean()
+    deviation = array - mean
+    np.square(deviation, out=deviation)
+    return mean, np.sqrt(deviation.mean())
 
 
 def simulate_low_resolution(channel: np.ndarray, zoom: np.ndarray) -> np.ndarray:

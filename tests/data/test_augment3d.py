@@ -15,6 +15,7 @@ from data.augment3d import (
     sample_nearest,
     sample_spatial_transform,
     simulate_low_resolution,
+    standard_normal,
 )
 
 VOLUME_SHAPE = (29, 41, 47)
@@ -228,6 +229,23 @@ def test_gamma_keeps_range_or_statistics():
     np.testing.assert_allclose(kept_range, expected, atol=1e-5)
     kept_stats = adjust_gamma(channel, 0.7, retain_stats=True)
     np.testing.assert_allclose([kept_stats.mean(), kept_stats.std()], [channel.mean(), channel.std()], atol=1e-4)
+    # nnU-Net's definition: gamma in the range-kept form, then standardised back to the input's statistics
+    gamma_07 = normalised**0.7 * (channel.max() - channel.min()) + channel.min()
+    expected = (gamma_07 - gamma_07.mean()) / (gamma_07.std() + 1e-7) * channel.std() + channel.mean()
+    np.testing.assert_allclose(kept_stats, expected, atol=1e-5)
+    in_place = channel.copy()
+    adjust_gamma(in_place, 0.7, retain_stats=True, out=in_place)
+    np.testing.assert_array_equal(in_place, kept_stats)
+
+
+def test_standard_normal_is_a_function_of_the_generator():
+    first = standard_normal(np.random.default_rng(5), (32, 32, 32))
+    again = standard_normal(np.random.default_rng(5), (32, 32, 32))
+    other = standard_normal(np.random.default_rng(6), (32, 32, 32))
+    assert first.dtype == np.float32 and first.shape == (32, 32, 32)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert abs(first.mean()) < 0.01 and abs(first.std() - 1.0) < 0.01
 
 
 def test_contrast_and_brightness_follow_their_definitions():

@@ -386,7 +386,7 @@ def adjust_gamma(
         mean, std = _mean_and_std(channel)
     result = np.subtract(channel, low, out=out)
     result /= span
-    # x ** gamma as exp(gamma * log x): the same values to a few ulp at about half np.power's cost.
+    # x ** gamma as exp(gamma * log x): the same values to a few ulp, in 55-70% of np.power's time.
     with np.errstate(divide="ignore"):  # log(0) = -inf, and exp(-inf) = 0 as it should
         np.log(result, out=result)
     result *= np.float32(gamma)

@@ -8,6 +8,13 @@ any head; for a ResNet head it equals CAM up to a constant factor before the ReL
 
 Models provide ``features(image) -> (B, C, h, w)`` and ``classify(features) -> (B, K)`` logits,
 with ``head`` the final ``nn.Linear`` (see ``models/resnet.py``).
+
+Where a feature cell lies on the image matters as much as its value. In a network whose strided layers
+pad by half their kernel (ResNet: a stride-2 3x3 convolution with padding 1 centres output k on input
+2k), cell k of a map of total stride S is centred on pixel S*k, not on the middle of the k-th S-pixel
+tile, S*k + (S-1)/2, that plain bilinear resizing assumes: that would draw every map half a cell (15.5
+pixels at stride 32) down and to the right. Such models say so with a ``feature_stride`` attribute;
+without one, cells are taken to tile the image (as after average pooling).
 """
 
 from pathlib import Path
@@ -28,7 +35,7 @@ def class_activation_maps(model, image: torch.Tensor, class_index: int = 0) -> t
     features = model.features(image).float()  # (B, 512, h, w)
     weights = model.head.weight[class_index].float()  # (512,)
     cam = torch.einsum("c,bchw->bhw", weights, features)
-    return _upsample(F.relu(cam), image.shape[-2:])
+    return upsample_cells(F.relu(cam), image.shape[-2:], getattr(model, "feature_stride", None))
 
 
 def grad_cams(model, image: torch.Tensor, class_index: int = 0) -> torch.Tensor:
@@ -44,11 +51,32 @@ def grad_cams(model, image: torch.Tensor, class_index: int = 0) -> torch.Tensor:
         (gradients,) = torch.autograd.grad(logits.sum(), features)
     weights = gradients.mean(dim=(2, 3), keepdim=True)  # (B, 512, 1, 1)
     cam = (weights * features.detach()).sum(dim=1)
-    return _upsample(F.relu(cam), image.shape[-2:])
+    return upsample_cells(F.relu(cam), image.shape[-2:], getattr(model, "feature_stride", None))
 
 
-def _upsample(cam: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(cam[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+def upsample_cells(cam: torch.Tensor, size, stride: int | None = None) -> torch.Tensor:
+    """Linear interpolation of per-cell maps to image pixels, each cell placed where it looks.
+
+    Args:
+        cam: (B, h, w) one value per feature cell.
+        size: (H, W) of the image.
+        stride: cell k is centred on pixel ``stride * k`` (ResNet-style padded strided layers); None:
+            cells tile the image, cell k centred on pixel ``S * k + (S - 1) / 2`` with S = H / h.
+            Beyond the outermost centres the edge cells' values are held.
+
+    Shapes:
+        (B, h, w) -> (B, H, W)
+    """
+    for axis, (cells, pixels) in enumerate(zip(cam.shape[1:], size), start=1):
+        step = stride if stride is not None else pixels / cells
+        first_centre = 0.0 if stride is not None else (step - 1) / 2
+        position = (torch.arange(pixels, dtype=torch.float32, device=cam.device) - first_centre) / step
+        position = position.clamp(0, cells - 1)  # fractional cell index of every pixel
+        low = position.floor().long()
+        high = (low + 1).clamp(max=cells - 1)
+        weight = (position - low).view([-1 if a == axis else 1 for a in range(3)])
+        cam = cam.index_select(axis, low) * (1 - weight) + cam.index_select(axis, high) * weight
+    return cam
 
 
 def boxes_mask(boxes, shape: tuple[int, int]) -> np.ndarray:

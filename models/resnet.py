@@ -43,6 +43,9 @@ class ResNet18Classifier(nn.Module):
             for conv in (first.conv2, second.conv1, second.conv2):
                 conv.dilation, conv.padding = (2, 2), (2, 2)
         self.backbone_frozen = False
+        # Every strided layer pads by half its kernel, so feature cell k is centred on input pixel
+        # output_stride * k (what engine/cam.py needs to draw the maps in place).
+        self.feature_stride = output_stride
 
     def features(self, image: torch.Tensor) -> torch.Tensor:
         net = self.backbone

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from engine.cam import box_area_fraction, cam_mass_in_boxes, cam_peak_in_boxes, class_activation_maps, grad_cams, \
-    save_cam_overlay
+    save_cam_overlay, upsample_cells
 from models.resnet import ResNet18Classifier
 
 
@@ -39,6 +39,61 @@ def test_cam_peaks_on_a_planted_opacity_and_its_box_holds_most_mass():
     box = [(8, 40, 16, 16)]
     assert cam_mass_in_boxes(cams[0].numpy(), box) > 0.7 > box_area_fraction(box, (72, 56))
     assert cams[1].abs().max() == 0 and cam_mass_in_boxes(cams[1].numpy(), box) == 0.0
+
+
+class StridedOpacityDetector(OpacityDetector):
+    """The same evidence through three stride-2 3x3 convolutions padded by 1 (as ResNet's): stride 8,
+    cell k centred on pixel 8k rather than on the middle of an 8-pixel tile."""
+
+    feature_stride = 8
+
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.Sequential(*[torch.nn.Conv2d(1, 1, 3, stride=2, padding=1, bias=False) for _ in range(3)])
+        for conv in self.convs:
+            torch.nn.init.constant_(conv.weight, 1 / 9)
+
+    def features(self, image):
+        return self.convs(image)
+
+
+def test_cam_of_strided_convolutions_is_drawn_where_the_cells_look():
+    image = torch.zeros(1, 1, 64, 64)
+    image[0, 0, 14:18, 38:42] = 1.0  # around pixel (16, 40): cell (2, 5) of the stride-8 map
+    cam = class_activation_maps(StridedOpacityDetector(), image)[0]
+    row, column = np.unravel_index(cam.argmax().item(), cam.shape)
+    assert (row, column) == (16, 40)  # drawn as tiles, the peak would sit 3.5 pixels down and right
+
+
+def test_upsampling_places_cells_on_their_centres():
+    torch.manual_seed(0)
+    cells = torch.rand(2, 5, 7)
+    # Tiles (no stride given) is what bilinear resizing without corner alignment does.
+    torch.testing.assert_close(upsample_cells(cells, (40, 56)), torch.nn.functional.interpolate(
+        cells[:, None], size=(40, 56), mode="bilinear", align_corners=False)[:, 0])
+    # With a stride, the map passes through every cell's value at pixel stride * k.
+    upsampled = upsample_cells(cells, (40, 56), stride=8)
+    torch.testing.assert_close(upsampled[:, ::8, ::8], cells)
+    torch.testing.assert_close(upsampled[:, 4, 4], cells[:, :2, :2].mean(dim=(1, 2)))  # halfway: the mean
+    torch.testing.assert_close(upsampled[:, 39, 55], cells[:, -1, -1])  # beyond the last centre: held
+
+
+@pytest.mark.parametrize("output_stride", [16, 32])
+def test_resnet_cells_are_centred_where_feature_stride_says(output_stride):
+    # Constant weights and average instead of max pooling (ties would send all the gradient to one
+    # corner) leave only the geometry: the input region a cell depends on, weighted by path count.
+    model = ResNet18Classifier(output_stride=output_stride).eval()
+    with torch.no_grad():
+        for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+            conv.weight.fill_(1 / conv.weight[0].numel())
+    model.backbone.maxpool = torch.nn.AvgPool2d(3, stride=2, padding=1)
+    image = torch.ones(1, 1, 512, 512, requires_grad=True)
+    features = model.features(image)
+    k = features.shape[-1] // 2
+    features[0, :, k, k].sum().backward()
+    weight = image.grad[0, 0].sum(dim=1)
+    centre = float((weight * torch.arange(512.0)).sum() / weight.sum())
+    assert centre == pytest.approx(model.feature_stride * k, abs=0.01)
 
 
 def test_cam_is_the_logit_decomposition_and_grad_cam_is_proportional_for_resnet():

@@ -36,9 +36,10 @@ def test_run_writes_metrics_cams_and_a_self_contained_checkpoint(tmp_path, cache
     assert written == metrics
     for key in ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1", "accuracy_youden",
                 "sensitivity_youden", "specificity_youden", "precision_youden", "f1_youden",
-                "threshold_youden", "cam_in_box", "cam_peak_in_box", "box_area_fraction"):
+                "threshold_youden", "cam_in_box", "cam_peak_in_box", "box_area_fraction", "cam_in_box_detected",
+                "cam_peak_in_box_detected", "box_area_fraction_detected"):
         assert isinstance(written[key], float) and np.isfinite(written[key]), key
-    assert 0 < written["box_area_fraction"] < 1
+    assert 0 < written["box_area_fraction"] < 1 and 0 < written["box_area_fraction_detected"] < 1
     assert len(list((tmp_path / "run" / "cam").glob("*.png"))) == 3
     checkpoint = load_checkpoint(tmp_path / "run" / "best.pt")
     assert checkpoint["image_size"] == 32 and checkpoint["task"] == "pneumonia"

@@ -162,8 +162,8 @@ def draw_activation_maps(model, dataset: ChestXrayDataset, validation: dict, pat
     """CAM for every positive validation image: the mean share of its mass inside the boxes
     (``cam_in_box``) beside the boxes' area share (what a uniform map scores), the share of images
     whose CAM peaks inside a box (``cam_peak_in_box``, the pointing game), the same three over the
-    positives the model detects at the Youden threshold (``_detected``: a missed opacity has no
-    evidence to localise), and PNG overlays of ``cam_images`` validation images, positives first."""
+    positives the model detects at the Youden threshold (``_detected``, when any is: a missed opacity
+    has no evidence to localise), and PNG overlays of ``cam_images`` validation images, positives first."""
     model.eval()
     compute = class_activation_maps if config.cam == "cam" else grad_cams
     indices, probabilities = validation["indices"], validation["probabilities"]  # in dataset order
@@ -193,9 +193,11 @@ def draw_activation_maps(model, dataset: ChestXrayDataset, validation: dict, pat
     if not in_box:
         return {}
     scores = {"cam_in_box": in_box, "cam_peak_in_box": peak_in_box, "box_area_fraction": area}
-    detected = np.array(detected)  # never empty: the Youden threshold calls at least one positive
-    return {**{key: float(np.mean(values)) for key, values in scores.items()},
-            **{f"{key}_detected": float(np.mean(np.array(values)[detected])) for key, values in scores.items()}}
+    result = {key: float(np.mean(values)) for key, values in scores.items()}
+    detected = np.array(detected)
+    if detected.any():  # the Youden threshold calls at least one positive unless every film is positive
+        result.update({f"{key}_detected": float(np.mean(np.array(values)[detected])) for key, values in scores.items()})
+    return result
 
 
 def main(argv: list[str]) -> dict:

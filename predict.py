@@ -3,7 +3,7 @@
     python predict.py --checkpoint runs/liver3d/best.pt --input /data/Task03_Liver/imagesTs --output preds/liver
     python predict.py --checkpoint runs/liver3d/best.pt --input ct.nii.gz --output preds --tta --keep-largest
     python predict.py --checkpoint runs/fold0/best.pt --checkpoint runs/fold1/best.pt --input scans/ --output preds
-    python predict.py --checkpoint runs/atrium/best.pt --input mri/ --output preds/atrium --device cuda --amp
+    python predict.py --checkpoint runs/atrium/best.pt --input mri/ --output preds/atrium --device cuda --amp false
     python predict.py --checkpoint runs/pneumonia/best.pt --input films/ --output preds/pneumonia
 
 The checkpoint says what to do: its task picks the network (3D U-Net, 2D U-Net, ResNet18, rebuilt from
@@ -38,12 +38,13 @@ from data.preprocess import PreprocessPlan, preprocess_image, restore_to_source
 from data.rsna import decode_and_resize
 from engine.cam import class_activation_maps, save_cam_overlay
 from engine.checkpoint import load_checkpoint
+from engine.config import parse_bool
 from engine.evaluate import predict_volume
 from engine.inference import predict_probabilities
 from engine.metrics import dice_per_class
 from engine.postprocess import keep_largest_foreground
 from engine.recipe2d import num_outputs
-from engine.runtime import amp_dtype_for, has_fast_cpu_bf16, pick_device
+from engine.runtime import has_fast_cpu_bf16, pick_device, resolve_amp_dtype
 from engine.slicewise import keep_largest_component, montage, predict_volume_slicewise, save_montage
 from engine.surface_metrics import surface_metrics_per_class
 from models import UNet
@@ -81,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "for atrium and lung")
     parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda",
                         help="auto (cuda, then mps, then cpu), cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: fp16 autocast on CUDA, bf16 on CPU (probabilities are averaged "
-                             "in float32)")
+    parser.add_argument("--amp", nargs="?", const=True, default=None, type=parse_bool, metavar="BOOL",
+                        help="mixed precision as in training (fp16 autocast on CUDA; bf16 on a CPU with native "
+                             "bf16 kernels, else fp32); probabilities are averaged in float32 (default: the "
+                             "checkpoint's --amp)")
     return parser
 
 
@@ -243,8 +245,8 @@ def score_case(mask: np.ndarray, image: Volume, labels_dir: Path, case_id: str, 
 
 
 def predict_segmentations(checkpoints: list[dict], paths: list[str], task: str, input_path: Path, output: Path,
-                          tta: bool, keep_largest: bool, device: torch.device, amp: bool,
-                          amp_dtype: torch.dtype, labels_dir: Path | None = None,
+                          tta: bool, keep_largest: bool, device: torch.device,
+                          amp_dtype: torch.dtype | None, labels_dir: Path | None = None,
                           tolerance_mm: float = 2.0) -> list[dict]:
     """Mask, montage and class volumes of every NIfTI case, and with ``labels_dir`` its scores;
     returns one dict per case."""
@@ -278,11 +280,12 @@ def predict_segmentations(checkpoints: list[dict], paths: list[str], task: str, 
         volume = read_nifti(case)
         image, properties = preprocess_image(volume, plan)  # (C, Z', Y', X') on the training grid
         if spatial_dims == 3:
-            prediction = predict_volume(model, image, tuple(config["patch"]), outputs, device, amp, amp_dtype,
-                                        overlap=config["overlap"])
+            prediction = predict_volume(model, image, roi_size=tuple(config["patch"]), num_classes=outputs,
+                                        device=device, amp_dtype=amp_dtype, overlap=config["overlap"])
         else:
-            prediction = predict_volume_slicewise(model, image, config["slice_axis"], tuple(config["image_size"]),
-                                                  config["fit"], outputs, device, amp, amp_dtype)
+            prediction = predict_volume_slicewise(model, image, axis=config["slice_axis"],
+                                                  image_size=tuple(config["image_size"]), fit=config["fit"],
+                                                  num_classes=outputs, device=device, amp_dtype=amp_dtype)
         if keep_largest:
             prediction = (keep_largest_foreground(prediction) if spatial_dims == 3
                           else keep_largest_component(prediction, len(plan.labels)))
@@ -312,7 +315,7 @@ def write_scores(path: Path, rows: list[dict]) -> None:
 
 
 def predict_radiographs(checkpoints: list[dict], paths: list[str], input_path: Path, output: Path,
-                        device: torch.device, amp: bool, amp_dtype: torch.dtype) -> list[dict]:
+                        device: torch.device, amp_dtype: torch.dtype | None) -> list[dict]:
     """Probability, decision and class activation map of every DICOM film; returns one dict per film."""
     image_size = checkpoints[0]["image_size"]
     for path, checkpoint in zip(paths[1:], checkpoints[1:]):
@@ -336,7 +339,7 @@ def predict_radiographs(checkpoints: list[dict], paths: list[str], input_path: P
         for model, normalization in members:
             image = (torch.from_numpy(pixels).float()[None, None] - normalization["mean"]) / normalization["std"]
             image = image.to(device)  # (1, 1, H, W)
-            with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logit = model(image)  # (1, 1)
             probabilities.append(torch.sigmoid(logit.float())[0, 0].item())
             cams.append(class_activation_maps(model, image)[0].cpu().numpy())  # (H, W)
@@ -358,15 +361,17 @@ def main(argv: list[str]) -> list[dict]:
     args = build_parser().parse_args(argv)
     task, checkpoints = load_checkpoints(args.checkpoint)
     device = pick_device(args.device)
-    amp_dtype = amp_dtype_for(device)
-    if args.amp and device.type == "cpu" and not has_fast_cpu_bf16():
-        tqdm.write("warning: this CPU has no native bf16 kernels, so --amp runs far slower than fp32 here")
+    trained = checkpoints[0]["config"]
+    amp = trained.get("amp", False) if args.amp is None else args.amp
+    amp_dtype = resolve_amp_dtype(device, amp, trained.get("amp_dtype", "auto"))
+    if amp_dtype == torch.bfloat16 and device.type == "cpu" and not has_fast_cpu_bf16():
+        tqdm.write("warning: this CPU has no native bf16 kernels, so bf16 autocast runs far slower than fp32 here")
     input_path, output = Path(args.input), Path(args.output)
     if task in CLASSIFICATION_TASKS:
-        rows = predict_radiographs(checkpoints, args.checkpoint, input_path, output, device, args.amp, amp_dtype)
+        rows = predict_radiographs(checkpoints, args.checkpoint, input_path, output, device, amp_dtype)
     else:
         rows = predict_segmentations(checkpoints, args.checkpoint, task, input_path, output, args.tta,
-                                     args.keep_largest, device, args.amp, amp_dtype,
+                                     args.keep_largest, device, amp_dtype,
                                      Path(args.labels) if args.labels else None, args.nsd_tolerance_mm)
     tqdm.write(f"{task}: {len(rows)} prediction(s) written to {output}")
     return rows

@@ -122,8 +122,8 @@ def prepare_data(config: Config, logger: RunLogger):
     return dataset, plan, entry, train_ids, val_ids
 
 
-def validate(model, entry: Path, val_ids: list[str], labels: dict[int, str], spacing: tuple[float, ...],
-             config: Config, device: torch.device, amp_dtype: torch.dtype, logger: RunLogger, epoch: int,
+def validate(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], spacing: tuple[float, ...],
+             config: Config, device: torch.device, amp_dtype: torch.dtype | None, logger: RunLogger, epoch: int,
              save_dir: Path | None = None) -> dict:
     """Whole-volume validation on the preprocessed grid (voxels of ``spacing`` mm): mean Dice, HD95
     and normalised surface Dice per class over the cases.
@@ -142,8 +142,8 @@ def validate(model, entry: Path, val_ids: list[str], labels: dict[int, str], spa
         save_dir.mkdir(parents=True, exist_ok=True)
     cases = ((case_id, case.image, case.label) for case_id in val_ids
              for case in [load_preprocessed_case(entry, case_id)])
-    results = evaluate(model, cases, len(labels), config.patch, device, config.amp, amp_dtype,
-                       overlap=config.overlap, mirror_axes=(0, 1, 2) if config.tta and save_dir else (),
+    results = evaluate(model, cases, num_classes=len(labels), roi_size=config.patch, device=device,
+                       amp_dtype=amp_dtype, overlap=config.overlap, mirror_axes=(0, 1, 2) if config.tta and save_dir else (),
                        postprocess=keep_largest_foreground if config.keep_largest else None,
                        on_prediction=on_prediction, spacing=spacing, tolerance_mm=config.nsd_tolerance_mm)
     scores = {metric_key(labels[k]): v for k, v in results["mean"].items()}
@@ -197,7 +197,7 @@ def main(argv: list[str]) -> dict:
     optimizer, scheduler = build_optimizer(model.parameters(), config.optimizer, config.lr, config.momentum,
                                            config.weight_decay, config.schedule,
                                            config.epochs * len(loader), config.warmup_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start_epoch, best_dice = 0, -1.0
     if resume:  # every state that shapes the following steps: weights, optimizer, schedule, scaler, RNGs
@@ -211,8 +211,9 @@ def main(argv: list[str]) -> dict:
         train_model = torch.compile(train_model)
     eval_model = train_model if world_size == 1 else model  # rank 0 validates alone, outside DDP
     if config.benchmark:  # throughput only: no validation, no checkpoints
-        return benchmark_training(train_model, loader, sampler, config.benchmark, loss_fn, optimizer, scheduler,
-                                  scaler, device, config.amp, amp_dtype, config.grad_clip, memory_format, out, logger)
+        return benchmark_training(train_model, loader, sampler, loss_fn, optimizer, steps=config.benchmark,
+                                  scheduler=scheduler, scaler=scaler, device=device, amp_dtype=amp_dtype,
+                                  grad_clip=config.grad_clip, memory_format=memory_format, out=out, logger=logger)
 
     def checkpoint_state(epoch: int) -> dict:
         return training_state(model, optimizer, scheduler, scaler, epoch, best_dice,
@@ -224,17 +225,18 @@ def main(argv: list[str]) -> dict:
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
         started = time.perf_counter()
-        stats = train_one_epoch(train_model, loader, loss_fn, optimizer, scheduler, scaler, device,
-                                config.amp, amp_dtype, config.grad_clip, memory_format,
-                                description=f"epoch {epoch + 1}/{config.epochs}", progress=rank == 0)
+        stats = train_one_epoch(train_model, loader, loss_fn, optimizer, scheduler=scheduler, scaler=scaler,
+                                device=device, amp_dtype=amp_dtype, grad_clip=config.grad_clip,
+                                memory_format=memory_format, description=f"epoch {epoch + 1}/{config.epochs}", progress=rank == 0)
         logger.scalars(stats, epoch, prefix="train/")
         logger.info(f"epoch {epoch + 1}/{config.epochs}: loss {stats['loss']:.4f}, lr {stats['lr']:.2e}, "
                     f"{stats['samples_per_s']:.1f} patches/s, data wait {100 * stats['data_wait_fraction']:.0f}%")
         record = {"epoch": epoch, **stats, "epoch_time_s": time.perf_counter() - started}
         last_epoch = epoch == config.epochs - 1
         if rank == 0 and ((epoch + 1) % config.val_every == 0 or last_epoch):  # one process validates every case
-            validation = validate(eval_model, entry, val_ids, dataset.labels, plan.target_spacing, config, device,
-                                  amp_dtype, logger, epoch, save_dir=out / "predictions" if last_epoch else None)
+            validation = validate(eval_model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
+                                  config=config, device=device, amp_dtype=amp_dtype, logger=logger, epoch=epoch,
+                                  save_dir=out / "predictions" if last_epoch else None)
             record.update(validation["scores"])
             if validation["scores"]["dice_mean"] > best_dice:
                 best_dice = validation["scores"]["dice_mean"]
@@ -247,8 +249,9 @@ def main(argv: list[str]) -> dict:
         cleanup_distributed()
         return {}
     if validation is None:  # resumed after the last epoch: nothing left to train, validate once
-        validation = validate(eval_model, entry, val_ids, dataset.labels, plan.target_spacing, config, device,
-                              amp_dtype, logger, config.epochs - 1, save_dir=out / "predictions")
+        validation = validate(eval_model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
+                              config=config, device=device, amp_dtype=amp_dtype, logger=logger,
+                              epoch=config.epochs - 1, save_dir=out / "predictions")
     write_metrics(validation, dataset.labels, out)
     logger.close()
     cleanup_distributed()

@@ -145,10 +145,10 @@ def build_optimizer(config: Config, model: ResNet18Classifier, total_steps: int)
     return optimizer, cosine_schedule(optimizer, total_steps, config.warmup_steps)
 
 
-def validate(model, loader, device: torch.device, amp: bool, amp_dtype: torch.dtype,
-             logger: RunLogger, epoch: int) -> dict:
+def validate(model, loader, *, device: torch.device, amp_dtype: torch.dtype | None, logger: RunLogger,
+             epoch: int) -> dict:
     """Probabilities on the validation split and the metrics from them (Youden threshold chosen here)."""
-    probabilities, labels, indices = predict_probabilities(model, loader, device, amp, amp_dtype)
+    probabilities, labels, indices = predict_probabilities(model, loader, device=device, amp_dtype=amp_dtype)
     metrics = classification_metrics(probabilities, labels)
     logger.scalars(metrics, epoch, prefix="val/")
     logger.info(f"validation: AUC {metrics['auc']:.4f}, accuracy {metrics['accuracy']:.3f} at 0.5, "
@@ -243,7 +243,7 @@ def main(argv: list[str]) -> dict:
     pos_weight = (len(train_indices) - positives) / max(positives, 1) if config.balance == "pos_weight" else None
     loss_fn = BCELoss(pos_weight=pos_weight)
     optimizer, scheduler = build_optimizer(config, model, config.epochs * steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start_epoch, best_auc = 0, -1.0
     if resume:  # every state that shapes the following steps: weights, optimizer, schedule, scaler, RNGs
@@ -257,9 +257,10 @@ def main(argv: list[str]) -> dict:
         train_model = torch.compile(train_model)
     eval_model = train_model if world_size == 1 else model  # rank 0 validates alone, outside DDP
     if config.benchmark:  # throughput only: no validation, no checkpoints
-        return benchmark_training(train_model, loader, train_sampler, config.benchmark, loss_fn, optimizer,
-                                  scheduler, scaler, device, config.amp, amp_dtype, config.grad_clip,
-                                  torch.channels_last, out, logger)
+        return benchmark_training(train_model, loader, train_sampler, loss_fn, optimizer, steps=config.benchmark,
+                                  scheduler=scheduler, scaler=scaler, device=device, amp_dtype=amp_dtype,
+                                  grad_clip=config.grad_clip, memory_format=torch.channels_last, out=out,
+                                  logger=logger)
 
     def checkpoint_state(epoch: int, threshold: float) -> dict:
         return training_state(model, optimizer, scheduler, scaler, epoch, best_auc,
@@ -271,15 +272,16 @@ def main(argv: list[str]) -> dict:
     for epoch in range(start_epoch, config.epochs):
         train_sampler.set_epoch(epoch)
         started = time.perf_counter()
-        stats = train_one_epoch(train_model, loader, loss_fn, optimizer, scheduler, scaler, device,
-                                config.amp, amp_dtype, config.grad_clip, torch.channels_last,
-                                description=f"epoch {epoch + 1}/{config.epochs}", progress=rank == 0)
+        stats = train_one_epoch(train_model, loader, loss_fn, optimizer, scheduler=scheduler, scaler=scaler,
+                                device=device, amp_dtype=amp_dtype, grad_clip=config.grad_clip,
+                                memory_format=torch.channels_last, description=f"epoch {epoch + 1}/{config.epochs}", progress=rank == 0)
         logger.scalars(stats, epoch, prefix="train/")
         logger.info(f"epoch {epoch + 1}/{config.epochs}: loss {stats['loss']:.4f}, lr {stats['lr']:.2e}, "
                     f"{stats['samples_per_s']:.1f} images/s, data wait {100 * stats['data_wait_fraction']:.0f}%")
         record = {"epoch": epoch, **stats, "epoch_time_s": time.perf_counter() - started}
         if rank == 0 and ((epoch + 1) % config.val_every == 0 or epoch == config.epochs - 1):
-            validation = validate(eval_model, val_loader, device, config.amp, amp_dtype, logger, epoch)
+            validation = validate(eval_model, val_loader, device=device, amp_dtype=amp_dtype, logger=logger,
+                                  epoch=epoch)
             threshold = validation["metrics"]["threshold_youden"]
             record.update(validation["metrics"])
             if validation["metrics"]["auc"] > best_auc:
@@ -293,7 +295,8 @@ def main(argv: list[str]) -> dict:
         cleanup_distributed()
         return {}
     if validation is None:  # resumed after the last epoch: nothing left to train, validate once
-        validation = validate(eval_model, val_loader, device, config.amp, amp_dtype, logger, config.epochs - 1)
+        validation = validate(eval_model, val_loader, device=device, amp_dtype=amp_dtype, logger=logger,
+                              epoch=config.epochs - 1)
     metrics = dict(validation["metrics"])
     metrics.update(draw_activation_maps(model, val_data, validation, patients, images, source_shapes,
                                         config, device, out))

@@ -160,8 +160,8 @@ def _time_training_loops(model, loss_fn, batches: list[dict], repeats: int) -> d
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     def engine() -> None:
-        train_one_epoch(model, batches, loss_fn, optimizer, scheduler, scaler, torch.device("cpu"), amp=False,
-                        amp_dtype=torch.bfloat16, grad_clip=12.0, progress=False)
+        train_one_epoch(model, batches, loss_fn, optimizer, scheduler=scheduler, scaler=scaler,
+                        device=torch.device("cpu"), amp_dtype=None, grad_clip=12.0, progress=False)
 
     def bare() -> None:
         model.train()

@@ -50,8 +50,8 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return memory
 
 
-def benchmark_training(model, loader, sampler, steps: int, loss_fn, optimizer, scheduler, scaler,
-                       device: torch.device, amp: bool, amp_dtype: torch.dtype, grad_clip: float | None,
+def benchmark_training(model, loader, sampler, loss_fn, optimizer, *, steps: int, scheduler, scaler,
+                       device: torch.device, amp_dtype: torch.dtype | None, grad_clip: float | None,
                        memory_format, out: Path, logger: RunLogger) -> dict:
     """Time one warm-up step, then ``steps`` training steps; log the figures and write
     ``out/benchmark.json``.
@@ -60,14 +60,17 @@ def benchmark_training(model, loader, sampler, steps: int, loss_fn, optimizer, s
         ``steps``, ``first_step_s``, ``steps_per_s``, ``samples_per_s``, ``data_wait_fraction``,
         ``peak_rss_mb`` and on CUDA ``cuda_max_allocated_mb``.
     """
-    step_args = (loss_fn, optimizer, scheduler, scaler, device, amp, amp_dtype, grad_clip, memory_format)
+    step_settings = dict(scheduler=scheduler, scaler=scaler, device=device, amp_dtype=amp_dtype,
+                         grad_clip=grad_clip, memory_format=memory_format)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    train_one_epoch(model, StepLoader(loader, sampler, 1), *step_args, description="warm-up")
+    train_one_epoch(model, StepLoader(loader, sampler, 1), loss_fn, optimizer, **step_settings,
+                    description="warm-up")
     first_step_s = time.perf_counter() - started
     started = time.perf_counter()
-    timed = train_one_epoch(model, StepLoader(loader, sampler, steps), *step_args, description="benchmark")
+    timed = train_one_epoch(model, StepLoader(loader, sampler, steps), loss_fn, optimizer, **step_settings,
+                            description="benchmark")
     results = {
         "steps": steps,
         "first_step_s": first_step_s,

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 
 @torch.inference_mode()
-def predict_probabilities(model, loader, device: torch.device, amp: bool, amp_dtype: torch.dtype,
+def predict_probabilities(model, loader, *, device: torch.device, amp_dtype: torch.dtype | None,
                           progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sigmoid of the single logit for every sample of ``loader``.
 
@@ -20,7 +20,7 @@ def predict_probabilities(model, loader, device: torch.device, amp: bool, amp_dt
     model.eval()
     probabilities, labels, indices = [], [], []
     for batch in tqdm(loader, desc="validate", leave=False, disable=not progress):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(batch["image"].to(device, non_blocking=True))  # (B, 1)
         probabilities.append(torch.sigmoid(logits.float()[:, 0]).cpu().numpy())
         labels.append(batch["label"].numpy())

@@ -50,7 +50,7 @@ def _parse_optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
@@ -88,7 +88,7 @@ def build_parser(config_class: type, description: str) -> argparse.ArgumentParse
             continue  # a group of settings (e.g. augmentation): edited in config.json, passed with --config
         if annotation is bool:
             # `--amp` switches on, `--amp false` switches off again (useful over a saved config).
-            parser.add_argument(flag, dest=field.name, nargs="?", const=True, type=_parse_bool,
+            parser.add_argument(flag, dest=field.name, nargs="?", const=True, type=parse_bool,
                                 metavar="BOOL", help=help_text)
         else:
             parse, metavar = _PARSERS[annotation]

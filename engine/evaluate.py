@@ -11,18 +11,19 @@ from engine.metrics import dice_per_class
 from engine.surface_metrics import mean_surface_metrics, surface_metrics_per_class
 
 
-def predict_volume(model, image: np.ndarray, roi_size: tuple[int, ...], num_classes: int,
-                   device: torch.device, amp: bool, amp_dtype: torch.dtype, overlap: float = 0.5,
+def predict_volume(model, image: np.ndarray, *, roi_size: tuple[int, ...], num_classes: int,
+                   device: torch.device, amp_dtype: torch.dtype | None, overlap: float = 0.5,
                    batch_size: int = 2, mirror_axes: tuple[int, ...] = ()) -> np.ndarray:
     """Label map of one preprocessed volume.
 
     Args:
         image: (C, *spatial) float32 on the preprocessed grid.
+        amp_dtype: autocast dtype, None for full precision.
     Returns:
         (*spatial) uint8 class indices (for a single-logit model: probability > 0.5).
     """
     def predict(windows: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             return model(windows)
 
     probabilities = sliding_window_inference(
@@ -46,8 +47,8 @@ def _accumulation_device(spatial_shape, num_classes: int, device: torch.device) 
 
 
 @torch.inference_mode()
-def evaluate(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], num_classes: int,
-             roi_size: tuple[int, ...], device: torch.device, amp: bool, amp_dtype: torch.dtype,
+def evaluate(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], *, num_classes: int,
+             roi_size: tuple[int, ...], device: torch.device, amp_dtype: torch.dtype | None,
              overlap: float = 0.5, batch_size: int = 2, mirror_axes: tuple[int, ...] = (),
              postprocess: Callable | None = None, on_prediction: Callable | None = None,
              spacing: Sequence[float] | None = None, tolerance_mm: float = 2.0, progress: bool = True) -> dict:
@@ -70,8 +71,9 @@ def evaluate(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], num_cla
     model.eval()
     per_case, surface = {}, {}
     for case_id, image, label in tqdm(list(cases), desc="validate", leave=False, disable=not progress):
-        prediction = predict_volume(model, image, roi_size, num_classes, device, amp, amp_dtype,
-                                    overlap, batch_size, mirror_axes)
+        prediction = predict_volume(model, image, roi_size=roi_size, num_classes=num_classes, device=device,
+                                    amp_dtype=amp_dtype, overlap=overlap, batch_size=batch_size,
+                                    mirror_axes=mirror_axes)
         if postprocess is not None:
             prediction = postprocess(prediction)
         label = np.asarray(label)

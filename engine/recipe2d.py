@@ -85,9 +85,9 @@ def build_loss(name: str, outputs: int) -> torch.nn.Module:
     return DiceLoss(batch_dice=True) if name == "dice" else DiceCELoss(batch_dice=True)
 
 
-def validate_volumes(model, entry: Path, val_ids: list[str], labels: dict[int, str], outputs: int, axis: int,
+def validate_volumes(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], outputs: int, axis: int,
                      image_size: tuple[int, int], fit: str, largest_component: bool, spacing: tuple[float, ...],
-                     tolerance_mm: float, device: torch.device, amp: bool, amp_dtype: torch.dtype,
+                     tolerance_mm: float, device: torch.device, amp_dtype: torch.dtype | None,
                      logger: RunLogger, epoch: int, save_dir: Path | None = None) -> dict:
     """Volume-level validation: every slice predicted, stacked, 3D Dice, HD95 and normalised surface
     Dice (at ``tolerance_mm``, on the grid of ``spacing`` mm) per case and class.
@@ -117,8 +117,8 @@ def validate_volumes(model, entry: Path, val_ids: list[str], labels: dict[int, s
         save_dir.mkdir(parents=True, exist_ok=True)
     cases = ((case_id, np.asarray(case.image), np.asarray(case.label)) for case_id in val_ids
              for case in [load_preprocessed_case(entry, case_id)])
-    results = evaluate_slicewise(model, cases, outputs, axis, image_size, fit, device, amp, amp_dtype,
-                                 largest_component=largest_component, on_prediction=on_prediction,
+    results = evaluate_slicewise(model, cases, num_classes=outputs, axis=axis, image_size=image_size, fit=fit,
+                                 device=device, amp_dtype=amp_dtype, largest_component=largest_component, on_prediction=on_prediction,
                                  spacing=spacing, tolerance_mm=tolerance_mm)
     per_class = {metric_key(labels[k]): v for k, v in results["mean"].items()}
     scores = {"dice": float(np.mean(list(per_class.values()))), **per_class,
@@ -194,7 +194,7 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
     loss_fn = build_loss(config.loss, outputs)
     optimizer, scheduler = build_optimizer(model.parameters(), config.optimizer, config.lr, config.momentum, config.weight_decay,
                                            config.schedule, config.epochs * steps_per_epoch, config.warmup_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start_epoch, best_dice = 0, -1.0
     if resume:  # every state that shapes the following steps: weights, optimizer, schedule, scaler, RNGs
@@ -208,8 +208,9 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
         train_model = torch.compile(train_model)
     eval_model = train_model if world_size == 1 else model  # rank 0 validates alone, outside DDP
     if config.benchmark:  # throughput only: no validation, no checkpoints
-        return benchmark_training(train_model, loader, sampler, config.benchmark, loss_fn, optimizer, scheduler,
-                                  scaler, device, config.amp, amp_dtype, config.grad_clip, memory_format, out, logger)
+        return benchmark_training(train_model, loader, sampler, loss_fn, optimizer, steps=config.benchmark,
+                                  scheduler=scheduler, scaler=scaler, device=device, amp_dtype=amp_dtype,
+                                  grad_clip=config.grad_clip, memory_format=memory_format, out=out, logger=logger)
 
     def checkpoint_state(epoch: int) -> dict:
         return training_state(model, optimizer, scheduler, scaler, epoch, best_dice,
@@ -217,18 +218,20 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
                               labels={str(k): v for k, v in dataset.labels.items()})
 
     def validate(epoch: int, save_dir: Path | None = None) -> dict:
-        return validate_volumes(eval_model, entry, val_ids, dataset.labels, outputs, config.slice_axis,
-                                config.image_size, config.fit, config.largest_component, plan.target_spacing,
-                                config.nsd_tolerance_mm, device, config.amp, amp_dtype, logger, epoch, save_dir)
+        return validate_volumes(eval_model, entry, val_ids, labels=dataset.labels, outputs=outputs,
+                                axis=config.slice_axis, image_size=config.image_size, fit=config.fit,
+                                largest_component=config.largest_component, spacing=plan.target_spacing,
+                                tolerance_mm=config.nsd_tolerance_mm, device=device, amp_dtype=amp_dtype,
+                                logger=logger, epoch=epoch, save_dir=save_dir)
 
     # Epoch loop: train, validate every val_every epochs and after the last, checkpoint every epoch.
     validation = None
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
         started = time.perf_counter()
-        stats = train_one_epoch(train_model, loader, loss_fn, optimizer, scheduler, scaler, device,
-                                config.amp, amp_dtype, config.grad_clip, memory_format,
-                                description=f"epoch {epoch + 1}/{config.epochs}", progress=rank == 0)
+        stats = train_one_epoch(train_model, loader, loss_fn, optimizer, scheduler=scheduler, scaler=scaler,
+                                device=device, amp_dtype=amp_dtype, grad_clip=config.grad_clip,
+                                memory_format=memory_format, description=f"epoch {epoch + 1}/{config.epochs}", progress=rank == 0)
         logger.scalars(stats, epoch, prefix="train/")
         logger.info(f"epoch {epoch + 1}/{config.epochs}: loss {stats['loss']:.4f}, lr {stats['lr']:.2e}, "
                     f"{stats['samples_per_s']:.1f} slices/s, data wait {100 * stats['data_wait_fraction']:.0f}%")

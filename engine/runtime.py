@@ -26,10 +26,21 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def amp_dtype_for(device: torch.device, name: str = "auto") -> torch.dtype:
-    """fp16 on CUDA and MPS (with GradScaler on CUDA), bf16 on the CPU, which has no fast fp16."""
+def resolve_amp_dtype(device: torch.device, amp: bool, name: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of a run, decided once from ``--amp`` and ``--amp-dtype``; None means full
+    precision (autocast off, no GradScaler).
+
+    ``auto`` is fp16 on CUDA and MPS (with a GradScaler on CUDA) and bf16 on a CPU with native bf16
+    kernels. A CPU without them (AVX2 only) runs bf16 3D convolutions through a one-thread reference
+    kernel some 30x slower than fp32, so there ``auto`` leaves autocast off, as nnU-Net does on the
+    CPU; an explicit ``bf16`` still forces it.
+    """
+    if not amp:
+        return None
     if name == "auto":
-        return torch.bfloat16 if device.type == "cpu" else torch.float16
+        if device.type != "cpu":
+            return torch.float16
+        return torch.bfloat16 if has_fast_cpu_bf16() else None
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if name not in dtypes:
         raise SystemExit(f"--amp-dtype {name}: choose auto, bf16 or fp16")
@@ -92,7 +103,7 @@ def start_run(config, resume: str | None) -> tuple[Path, torch.device, torch.dty
     finished run is never overwritten by accident. Only rank 0 writes to the folder.
 
     Returns:
-        (run folder, device, autocast dtype, logger)
+        (run folder, device, autocast dtype or None for full precision, logger)
     """
     out = Path(config.out)
     if (out / "last.pt").exists() and resume is None:
@@ -100,13 +111,17 @@ def start_run(config, resume: str | None) -> tuple[Path, torch.device, torch.dty
                          "or choose another --out.")
     rank, world_size, device_name = setup_distributed(config.device)
     device = pick_device(device_name)
-    amp_dtype = amp_dtype_for(device, config.amp_dtype)
+    amp_dtype = resolve_amp_dtype(device, config.amp, config.amp_dtype)
     seed_everything(config.seed, deterministic=config.deterministic or device.type == "cpu")
     logger = RunLogger(out, active=rank == 0)
     if rank == 0:
         save_config(config, out / "config.json")
     processes = f", {world_size} processes" if world_size > 1 else ""
-    logger.info(f"device {device}{processes}, amp {config.amp} ({amp_dtype}), run folder {out}")
-    if config.amp and device.type == "cpu" and not has_fast_cpu_bf16():
-        logger.info("warning: this CPU has no native bf16 kernels, so --amp runs far slower than fp32 here")
+    precision = "fp32" if amp_dtype is None else f"autocast {amp_dtype}"
+    logger.info(f"device {device}{processes}, {precision}, run folder {out}")
+    if config.amp and amp_dtype is None:
+        logger.info("--amp: this CPU has no native bf16 kernels (AVX-512 BF16 or AMX), where bf16 convolutions "
+                    "run ~30x slower than fp32, so the run stays in fp32; --amp-dtype bf16 forces bf16")
+    elif amp_dtype == torch.bfloat16 and device.type == "cpu" and not has_fast_cpu_bf16():
+        logger.info("warning: this CPU has no native bf16 kernels, so bf16 autocast runs far slower than fp32 here")
     return out, device, amp_dtype, logger

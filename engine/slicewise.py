@@ -56,8 +56,8 @@ def _resize_probabilities(predict: Callable, slices: torch.Tensor, image_size: t
 
 
 @torch.inference_mode()
-def predict_volume_slicewise(model, image: np.ndarray, axis: int, image_size: tuple[int, int], fit: str,
-                             num_classes: int, device: torch.device, amp: bool, amp_dtype: torch.dtype,
+def predict_volume_slicewise(model, image: np.ndarray, *, axis: int, image_size: tuple[int, int], fit: str,
+                             num_classes: int, device: torch.device, amp_dtype: torch.dtype | None,
                              batch_size: int = 16) -> np.ndarray:
     """Label map of a preprocessed volume, predicted one slice at a time along `axis`.
 
@@ -70,7 +70,7 @@ def predict_volume_slicewise(model, image: np.ndarray, axis: int, image_size: tu
         (Z, Y, X) uint8 class indices.
     """
     def predict(batch: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             return model(batch)
 
     volume = torch.from_numpy(np.moveaxis(np.asarray(image, dtype=np.float32), axis + 1, 0).copy())  # (S, C, H, W)
@@ -115,9 +115,9 @@ def slice_averaged_dice(prediction: np.ndarray, reference: np.ndarray, axis: int
 
 
 @torch.inference_mode()
-def evaluate_slicewise(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], num_classes: int, axis: int,
-                       image_size: tuple[int, int], fit: str, device: torch.device, amp: bool,
-                       amp_dtype: torch.dtype, largest_component: bool = False, batch_size: int = 16,
+def evaluate_slicewise(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], *, num_classes: int, axis: int,
+                       image_size: tuple[int, int], fit: str, device: torch.device,
+                       amp_dtype: torch.dtype | None, largest_component: bool = False, batch_size: int = 16,
                        on_prediction: Callable | None = None, spacing: Sequence[float] | None = None,
                        tolerance_mm: float = 2.0, progress: bool = True) -> dict:
     """Predict every validation case slice by slice and score the stacked volumes.
@@ -140,8 +140,9 @@ def evaluate_slicewise(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]
     label_classes = max(num_classes, 2)
     per_case, slice_averaged, surface = {}, {}, {}
     for case_id, image, label in tqdm(list(cases), desc="validate", leave=False, disable=not progress):
-        prediction = predict_volume_slicewise(model, image, axis, image_size, fit, num_classes, device, amp,
-                                              amp_dtype, batch_size)
+        prediction = predict_volume_slicewise(model, image, axis=axis, image_size=image_size, fit=fit,
+                                              num_classes=num_classes, device=device, amp_dtype=amp_dtype,
+                                              batch_size=batch_size)
         if largest_component:
             prediction = keep_largest_component(prediction, label_classes)
         label = np.asarray(label)

@@ -7,13 +7,14 @@ import torch
 from tqdm import tqdm
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device: torch.device,
-                    amp: bool, amp_dtype: torch.dtype, grad_clip: float | None,
+def train_one_epoch(model, loader, loss_fn, optimizer, *, scheduler, scaler, device: torch.device,
+                    amp_dtype: torch.dtype | None, grad_clip: float | None,
                     memory_format=torch.contiguous_format, progress: bool = True,
                     description: str = "train", max_nonfinite_in_a_row: int = 20) -> dict:
     """Train ``model`` on every batch of ``loader`` once.
 
-    The scheduler steps once per iteration (poly and cosine schedules are defined over iterations).
+    ``amp_dtype`` is the autocast dtype, None for full precision; ``scaler`` is a GradScaler, enabled
+    for fp16 only. The scheduler steps once per iteration (poly and cosine schedules are defined over iterations).
     Losses are accumulated on the device and read back only for the progress bar every few steps,
     so the GPU is not forced to wait for the CPU after each step. A step whose loss is NaN or
     infinite is skipped; ``max_nonfinite_in_a_row`` of them in a row stop the run (SystemExit with
@@ -37,7 +38,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device
             image = batch["image"].to(device, non_blocking=True, memory_format=memory_format)  # (B, C, *spatial)
             label = batch["label"].to(device, non_blocking=True)  # (B, *spatial) integer (uint8 masks)
 
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 output = model(image)
             loss = loss_fn(output, label)  # losses compute in float32 whatever the autocast dtype
 

@@ -63,7 +63,7 @@ def test_predict_probabilities_keeps_loader_order():
     images = torch.linspace(-2, 2, 5).view(5, 1, 1, 1).expand(5, 1, 3, 3)
     batches = [{"image": images[i:i + 2], "label": torch.tensor([0, 1][:len(images[i:i + 2])]),
                 "index": torch.arange(i, min(i + 2, 5)) + 10} for i in range(0, 5, 2)]
-    probabilities, labels, indices = predict_probabilities(MeanLogit(), batches, torch.device("cpu"), False,
-                                                           torch.bfloat16, progress=False)
+    probabilities, labels, indices = predict_probabilities(MeanLogit(), batches, device=torch.device("cpu"),
+                                                           amp_dtype=None, progress=False)
     np.testing.assert_allclose(probabilities, 1 / (1 + np.exp(-np.linspace(-2, 2, 5))), rtol=1e-6)
     assert indices.tolist() == [10, 11, 12, 13, 14] and labels.tolist() == [0, 1, 0, 1, 0]

@@ -19,7 +19,7 @@ def _ball(shape, center, radius):
 
 def _predict(image, **kwargs):
     defaults = dict(axis=0, image_size=(16, 16), fit="resize", num_classes=1, device=torch.device("cpu"),
-                    amp=False, amp_dtype=torch.bfloat16)
+                    amp_dtype=None)
     defaults.update(kwargs)
     return predict_volume_slicewise(Threshold(), image, **defaults)
 
@@ -48,8 +48,8 @@ def test_volume_dice_against_hand_computed_masks():
     cases = [("hit", predicted[None].astype(np.float32), reference),
              ("no tumour, none found", empty[None].astype(np.float32), empty),
              ("no tumour, false positive", predicted[None].astype(np.float32), empty)]
-    results = evaluate_slicewise(Threshold(), cases, 1, 0, (10, 10), "resize", torch.device("cpu"), False,
-                                 torch.bfloat16, progress=False)
+    results = evaluate_slicewise(Threshold(), cases, num_classes=1, axis=0, image_size=(10, 10), fit="resize",
+                                 device=torch.device("cpu"), amp_dtype=None, progress=False)
     assert results["per_case"]["hit"][1] == 2 * 32 / (48 + 72)
     assert results["per_case"]["no tumour, none found"][1] == 1.0
     assert results["per_case"]["no tumour, false positive"][1] == 0.0
@@ -79,8 +79,9 @@ def test_surface_metrics_of_the_stacked_volume_use_the_spacing():
     reference[2:6, 3:8, 3:8] = 1
     predicted = np.roll(reference, 1, axis=0)  # one slice off along z, 2.5 mm slices
     cases = [("shifted", predicted[None].astype(np.float32), reference)]
-    results = evaluate_slicewise(Threshold(), cases, 1, 0, (12, 12), "resize", torch.device("cpu"), False,
-                                 torch.bfloat16, spacing=(2.5, 0.8, 0.8), tolerance_mm=2.0, progress=False)
+    results = evaluate_slicewise(Threshold(), cases, num_classes=1, axis=0, image_size=(12, 12), fit="resize",
+                                 device=torch.device("cpu"), amp_dtype=None, spacing=(2.5, 0.8, 0.8),
+                                 tolerance_mm=2.0, progress=False)
     surface = results["surface_per_case"]["shifted"][1]
     assert surface["hd95_mm"] == 2.5  # every distance is 0 or one slice
     assert 0 < surface["nsd"] < 1  # the slice shift exceeds the 2 mm tolerance on the caps only

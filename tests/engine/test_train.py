@@ -18,8 +18,8 @@ def run_epoch(loss_fn, loader, clip=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    stats = train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, torch.device("cpu"),
-                            amp=False, amp_dtype=torch.bfloat16, grad_clip=clip, progress=False)
+    stats = train_one_epoch(model, loader, loss_fn, optimizer, scheduler=scheduler, scaler=scaler,
+                            device=torch.device("cpu"), amp_dtype=None, grad_clip=clip, progress=False)
     return model, stats
 
 
@@ -66,8 +66,8 @@ def test_a_run_of_nonfinite_losses_stops_with_advice_but_a_broken_run_does_not()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
     def epoch(loss_fn, num_batches):
-        return train_one_epoch(model, make_loader(num_batches), loss_fn, optimizer, scheduler, scaler,
-                               torch.device("cpu"), amp=False, amp_dtype=torch.bfloat16, grad_clip=None,
+        return train_one_epoch(model, make_loader(num_batches), loss_fn, optimizer, scheduler=scheduler,
+                               scaler=scaler, device=torch.device("cpu"), amp_dtype=None, grad_clip=None,
                                progress=False, max_nonfinite_in_a_row=3)
 
     def always_nan(output, label):
@@ -93,6 +93,6 @@ def test_out_of_memory_names_the_settings_to_lower():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     with pytest.raises(SystemExit, match=r"batch of \(2, 1, 5, 7\).*--batch-size.*--amp"):
-        train_one_epoch(Exhausted(), make_loader(1), torch.nn.functional.cross_entropy, optimizer, scheduler,
-                        torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), amp=False,
-                        amp_dtype=torch.bfloat16, grad_clip=None, progress=False)
+        train_one_epoch(Exhausted(), make_loader(1), torch.nn.functional.cross_entropy, optimizer,
+                        scheduler=scheduler, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                        device=torch.device("cpu"), amp_dtype=None, grad_clip=None, progress=False)

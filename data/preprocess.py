@@ -161,10 +161,13 @@ def plan_preprocessing(
     samples_per_case: int = 10_000,
     seed: int = 0,
 ) -> PreprocessPlan:
-    """Fingerprint the training cases and derive the preprocessing parameters.
+    """Fingerprint the cases `case_ids` and derive the preprocessing parameters.
 
-    Only `case_ids` (the training split) are read, so validation intensities never leak into the
-    normalisation.
+    The recipes pass every labelled case, validation included, as nnU-Net does, so that all folds
+    share one cache entry. CT statistics therefore come from the foreground of all labelled cases:
+    the validation cases' intensities take part in the CT normalisation. Other channels are z-scored
+    per image with that image's own statistics; only the choice of the non-zero mask looks at all
+    cases.
 
     Args:
         target_spacing: (z, y, x) mm; default the per-axis median spacing of the cases.

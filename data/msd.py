@@ -80,11 +80,11 @@ def label_stems(image_stem: str) -> list[str]:
     return [image_stem]
 
 
-def _other_channel_case(image_stem: str, label_ids: set[str]) -> str | None:
-    """The case whose channel 1, 2, ... this image is in nnU-Net's layout (`liver_7_0001` beside the
-    label `liver_7`), else None."""
+def _is_other_channel(image_stem: str, label_ids: set[str]) -> bool:
+    """Whether the image is channel 1, 2, ... of a case in nnU-Net's layout (`liver_7_0001` beside
+    the label `liver_7`)."""
     case_id, _, channel = image_stem.rpartition("_")
-    return case_id if len(channel) == 4 and channel.isdigit() and case_id in label_ids else None
+    return len(channel) == 4 and channel.isdigit() and case_id in label_ids
 
 
 def _is_nifti(path: Path) -> bool:
@@ -161,7 +161,7 @@ def _images_by_case(folder: Path, label_ids: set[str]) -> dict[str, Path]:
     for path in sorted(filter(_is_nifti, folder.iterdir())):
         stem = nifti_stem(path)
         case_id = next((name for name in label_stems(stem) if name in label_ids), None)
-        if case_id is None and _other_channel_case(stem, label_ids) is not None:
+        if case_id is None and _is_other_channel(stem, label_ids):
             raise DatasetError(
                 f"{path}: one file per channel is not supported. Stack the channels into one 4D NIfTI per case."
             )

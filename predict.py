@@ -13,9 +13,11 @@ fold) of one task are an ensemble: their probabilities are averaged.
 
 Segmentation (`.nii` / `.nii.gz`, one file or a folder): each case is preprocessed like the training
 cases, predicted (3D: sliding window with the training patch and overlap; 2D: slice by slice, as in
-validation), and written to OUTPUT as `<case>.nii.gz` with exactly the input file's shape and affine,
-beside a `<case>.png` montage and one row of `volumes.csv` (millilitres per class).
-With `--labels DIR` each case is also scored against its reference mask on the source grid (Dice,
+validation), and written to OUTPUT under the input's own file name (`ct_2023.nii.gz` -> `ct_2023.nii.gz`)
+with exactly the input file's shape and affine, beside a `<name>.png` montage and one row of
+`volumes.csv` (millilitres per class), `<name>` being the file name without its extension.
+With `--labels DIR` each case is also scored against its reference mask `DIR/<name>.nii.gz` (for an
+input named `<case>_0000`, nnU-Net's channel file, `DIR/<case>.nii.gz` too) on the source grid (Dice,
 HD95 and normalised surface Dice in mm, volume difference) into `scores.csv`, mean in the last row.
 Chest X-ray (`.dcm`, one file or a folder): `predictions.csv` (file, patient id, probability, threshold,
 decision) and a class activation map `cam/<file>.png` per image.
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from data.msd import case_id_from_path
+from data.msd import label_stems, nifti_stem
 from data.nifti import Volume, read_nifti, write_nifti_like
 from data.preprocess import PreprocessPlan, preprocess_image, restore_to_source
 from data.rsna import decode_and_resize
@@ -223,11 +225,13 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 def score_case(mask: np.ndarray, image: Volume, labels_dir: Path, case_id: str, label_names: dict[int, str],
                tolerance_mm: float) -> dict[str, float]:
     """Dice, HD95, NSD and volume difference of each class of ``mask`` (on ``image``'s canonical
-    grid) against ``labels_dir/<case_id>.nii[.gz]``, with the source spacing."""
-    candidates = [labels_dir / f"{case_id}{suffix}" for suffix in (".nii.gz", ".nii")]
+    grid) against ``labels_dir/<case_id>.nii[.gz]`` (or, for nnU-Net's ``<case>_0000``, against
+    ``<case>.nii[.gz]``), with the source spacing."""
+    candidates = [labels_dir / f"{stem}{suffix}" for stem in label_stems(case_id) for suffix in (".nii.gz", ".nii")]
     found = [path for path in candidates if path.is_file()]
     if not found:
-        raise SystemExit(f"--labels {labels_dir}: no reference mask for case {case_id} ({candidates[0].name}). "
+        raise SystemExit(f"--labels {labels_dir}: no reference mask for case {case_id} "
+                         f"({' or '.join(path.name for path in candidates[::2])}). "
                          "Name the masks like the inputs, or leave out --labels.")
     reference = read_nifti(found[0], is_label=True)
     if reference.array.shape != mask.shape or not np.allclose(reference.affine, image.affine, atol=1e-3):
@@ -264,14 +268,14 @@ def predict_segmentations(checkpoints: list[dict], paths: list[str], task: str, 
     model = ProbabilityAverage(members, outputs)
 
     cases = find_inputs(input_path, (".nii", ".nii.gz"), "NIfTI")
-    case_ids = [case_id_from_path(case) for case in cases]
+    case_ids = [nifti_stem(case) for case in cases]
     repeated = sorted({case_id for case_id in case_ids if case_ids.count(case_id) > 1})
     if repeated:
-        raise SystemExit(f"{input_path}: several files give the case name(s) {repeated}; their masks would "
-                         "overwrite each other. Rename or move the extra files.")
+        raise SystemExit(f"{input_path}: several files give the case name(s) {repeated} (.nii and .nii.gz); "
+                         "their montages and table rows would overwrite each other. Rename or move the extra files.")
     output.mkdir(parents=True, exist_ok=True)
     inputs = {case.resolve() for case in cases}
-    if any((output / f"{case_id}.nii.gz").resolve() in inputs for case_id in case_ids):
+    if any((output / case.name).resolve() in inputs for case in cases):
         raise SystemExit(f"{output}: writing the masks here would overwrite the input images. Choose another --output.")
 
     foreground = [k for k in sorted(plan.labels) if k > 0]
@@ -292,10 +296,10 @@ def predict_segmentations(checkpoints: list[dict], paths: list[str], task: str, 
         axis = config["slice_axis"] if spatial_dims == 2 else 0
         save_montage(montage(image, np.zeros_like(prediction), prediction, axis), output / f"{case_id}.png")
         mask = restore_to_source(prediction, properties)  # (Z, Y, X) on the source's canonical grid
-        write_nifti_like(mask, volume, output / f"{case_id}.nii.gz")
+        write_nifti_like(mask, volume, output / case.name)
         voxel_ml = abs(np.linalg.det(volume.source_affine[:3, :3])) / 1000  # mm^3 -> mL, oblique affines too
         volumes = {plan.labels[k]: float(np.count_nonzero(mask == k) * voxel_ml) for k in foreground}
-        rows.append({"case": case_id, "mask": output / f"{case_id}.nii.gz", "volumes_ml": volumes})
+        rows.append({"case": case_id, "mask": output / case.name, "volumes_ml": volumes})
         if labels_dir is not None:
             rows[-1]["scores"] = score_case(mask, volume, labels_dir, case_id, plan.labels, tolerance_mm)
             write_scores(output / "scores.csv", rows)

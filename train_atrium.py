@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.augment2d import Augment2DConfig
+from data.splits import PATIENT_PATTERN
 from data.synthetic.heart import ensure_heart_phantom
 from engine.config import parse_config
 from engine.recipe2d import train_slice_segmentation
@@ -29,9 +30,11 @@ class Config:
     out: str = "runs/atrium"  # run folder: config.json, last.pt, best.pt, metrics.json, dice_per_case.csv, log.jsonl, TensorBoard, predictions/
     cache_dir: str = ".cache"  # preprocessed arrays (and the generated phantom) live here, keyed by their parameters
     spacing: tuple[float, ...] | None = None  # target voxel spacing z,y,x in mm; auto = the training set's median spacing
-    val_fraction: float = 0.2  # share of cases (patients) held out for validation (ignored when --fold is set)
+    val_fraction: float = 0.2  # share of patients held out for validation (ignored when --fold is set)
     fold: int | None = None  # 5-fold cross-validation: validate on fold 0..4 instead of a val_fraction split
     split_seed: int = 12345  # seed of the case split, fixed so that runs with other --seed values compare on the same cases
+    patient_pattern: str = PATIENT_PATTERN  # regex whose group 1 is a case's patient (ACDC: acdc_<patient>_f<frame>); a patient's cases stay on one side; '' = every case its own patient
+    splits_file: str | None = None  # nnU-Net's splits_final.json: its --fold is the split, winning over val_fraction and patient_pattern
     synthetic_cases: int = 16  # phantom only: number of generated MRI volumes
     synthetic_matrix: int = 96  # phantom only: in-plane voxels per slice (the size knob; tests use ~24)
     # slices, sampling and augmentation

@@ -25,7 +25,7 @@ from data.augment3d import Augment3DConfig
 from data.msd import read_msd_dataset
 from data.patches import EpochSampler, PatchDataset
 from data.preprocess import load_preprocessed_case, plan_preprocessing, preprocess_dataset, save_prediction
-from data.splits import split_cases
+from data.splits import PATIENT_PATTERN, count_patients, split_cases
 from data.synthetic.liver import ensure_liver_phantom
 from engine.benchmark import benchmark_training
 from engine.checkpoint import resume_training, save_checkpoint, training_state
@@ -48,9 +48,11 @@ class Config:
     out: str = "runs/liver3d"  # run folder: config.json, last.pt, best.pt, metrics.json, log.jsonl, TensorBoard
     cache_dir: str = ".cache"  # preprocessed arrays (and the generated phantom) live here, keyed by their parameters
     spacing: tuple[float, ...] | None = None  # target spacing z,y,x in mm; auto = the training set's median
-    val_fraction: float = 0.2  # share of cases held out for validation (ignored when --fold is set)
+    val_fraction: float = 0.2  # share of patients held out for validation (ignored when --fold is set)
     fold: int | None = None  # 5-fold cross-validation: validate on fold 0..4 instead of a val_fraction split
     split_seed: int = 12345  # case split seed, fixed so runs with other --seed validate on the same cases
+    patient_pattern: str = PATIENT_PATTERN  # regex whose group 1 is a case's patient (ACDC: acdc_<patient>_f<frame>); a patient's cases stay on one side; '' = every case its own patient
+    splits_file: str | None = None  # nnU-Net's splits_final.json: its --fold is the split, winning over val_fraction and patient_pattern
     synthetic_cases: int = 20  # phantom only: number of generated CT volumes
     synthetic_matrix: int = 128  # phantom only: in-plane voxels per slice (the size knob; tests use ~24)
     # sampling and augmentation
@@ -102,7 +104,7 @@ SYNTHETIC_PROFILE = dict(
 
 
 def prepare_data(config: Config, logger: RunLogger):
-    """Read the task folder (or generate the phantom), split by case, preprocess once into the cache."""
+    """Read the task folder (or generate the phantom), split by patient, preprocess once into the cache."""
     cache_dir = Path(config.cache_dir)
     if config.data_dir is None:
         data_dir = ensure_liver_phantom(cache_dir / "synthetic", num_cases=config.synthetic_cases,
@@ -111,12 +113,18 @@ def prepare_data(config: Config, logger: RunLogger):
         data_dir = Path(config.data_dir)
     dataset = read_msd_dataset(data_dir)
     case_ids = [case.case_id for case in dataset.cases]
-    train_ids, val_ids = split_cases(case_ids, config.val_fraction, config.split_seed, config.fold)
+    try:
+        train_ids, val_ids = split_cases(case_ids, config.val_fraction, config.split_seed, config.fold,
+                                         patient_pattern=config.patient_pattern, splits_file=config.splits_file)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     # Intensity statistics come from all labelled cases, as in nnU-Net, so every fold shares one cache.
     workers = max(config.workers, 1)
     plan = plan_preprocessing(dataset, case_ids, target_spacing=config.spacing, workers=workers)
     entry = preprocess_dataset(dataset, plan, cache_dir, case_ids, workers=workers)
-    logger.info(f"{dataset.name}: {len(train_ids)} training / {len(val_ids)} validation cases, "
+    logger.info(f"{dataset.name}: {len(train_ids)} training / {len(val_ids)} validation cases "
+                f"({count_patients(train_ids, config.patient_pattern)} / "
+                f"{count_patients(val_ids, config.patient_pattern)} patients), "
                 f"{len(dataset.modality)} channel(s), classes {dataset.labels}, "
                 f"spacing {plan.target_spacing} mm, cache {entry}")
     return dataset, plan, entry, train_ids, val_ids

@@ -157,13 +157,18 @@ def validate(model, loader, *, device: torch.device, amp_dtype: torch.dtype | No
     return {"metrics": metrics, "probabilities": probabilities, "indices": indices}
 
 
-def draw_activation_maps(model, dataset: ChestXrayDataset, validation: dict, patients, images,
-                         source_shapes, config: Config, device: torch.device, out: Path) -> dict:
+def score_activation_maps(model, dataset: ChestXrayDataset, validation: dict, patients, images,
+                          source_shapes, config: Config, device: torch.device) -> tuple[dict, list[dict]]:
     """CAM for every positive validation image: the mean share of its mass inside the boxes
     (``cam_in_box``) beside the boxes' area share (what a uniform map scores), the share of images
-    whose CAM peaks inside a box (``cam_peak_in_box``, the pointing game), the same three over the
+    whose CAM peaks inside a box (``cam_peak_in_box``, the pointing game), and the same three over the
     positives the model detects at the Youden threshold (``_detected``, when any is: a missed opacity
-    has no evidence to localise), and PNG overlays of ``cam_images`` validation images, positives first."""
+    has no evidence to localise).
+
+    Returns:
+        the scores, and the overlays of ``cam_images`` validation images, positives first, to draw
+        with ``save_cam_overlay``: {"film", "image", "cam", "boxes", "caption"} each.
+    """
     model.eval()
     compute = class_activation_maps if config.cam == "cam" else grad_cams
     indices, probabilities = validation["indices"], validation["probabilities"]  # in dataset order
@@ -171,7 +176,7 @@ def draw_activation_maps(model, dataset: ChestXrayDataset, validation: dict, pat
     negatives = [k for k, i in enumerate(indices) if patients[i].label == 0]
     drawn = set((positives + negatives)[:config.cam_images])
     threshold = validation["metrics"]["threshold_youden"]
-    in_box, peak_in_box, area, detected = [], [], [], []
+    in_box, peak_in_box, area, detected, overlays = [], [], [], [], []
     for start in range(0, len(indices), config.batch_size):
         chunk = [k for k in range(start, min(start + config.batch_size, len(indices)))
                  if k in drawn or patients[indices[k]].label == 1]
@@ -188,16 +193,27 @@ def draw_activation_maps(model, dataset: ChestXrayDataset, validation: dict, pat
                 area.append(box_area_fraction(boxes, cam.shape))
                 detected.append(probabilities[k] >= threshold)
             if k in drawn:
-                save_cam_overlay(out / "cam" / f"{patient.patient_id}.png", images[indices[k]], cam, boxes,
-                                 caption=f"label {patient.label}  p {probabilities[k]:.2f}")
+                overlays.append({"film": patient.patient_id, "image": images[indices[k]], "cam": cam, "boxes": boxes,
+                                 "caption": f"label {patient.label}  p {probabilities[k]:.2f}"})
     if not in_box:
-        return {}
+        return {}, overlays
     scores = {"cam_in_box": in_box, "cam_peak_in_box": peak_in_box, "box_area_fraction": area}
     result = {key: float(np.mean(values)) for key, values in scores.items()}
     detected = np.array(detected)
     if detected.any():  # the Youden threshold calls at least one positive unless every film is positive
         result.update({f"{key}_detected": float(np.mean(np.array(values)[detected])) for key, values in scores.items()})
-    return result
+    return result, overlays
+
+
+def draw_activation_maps(overlays: list[dict], out: Path, logger: RunLogger) -> None:
+    """PNG overlays under ``out/cam/``; one that cannot be drawn is skipped with a warning, since the
+    pictures only illustrate results that are already written."""
+    for overlay in overlays:
+        try:
+            save_cam_overlay(out / "cam" / f"{overlay['film']}.png", overlay["image"], overlay["cam"],
+                             overlay["boxes"], caption=overlay["caption"])
+        except (ValueError, OSError) as error:
+            logger.info(f"warning: no CAM overlay for film {overlay['film']} ({error}); skipped")
 
 
 def main(argv: list[str]) -> dict:
@@ -298,14 +314,17 @@ def main(argv: list[str]) -> dict:
         validation = validate(eval_model, val_loader, device=device, amp_dtype=amp_dtype, logger=logger,
                               epoch=config.epochs - 1)
     metrics = dict(validation["metrics"])
-    metrics.update(draw_activation_maps(model, val_data, validation, patients, images, source_shapes,
-                                        config, device, out))
-    if "cam_in_box" in metrics:
-        for suffix, films in (("", "positive films"), ("_detected", "detected positives")):
+    cam_scores, overlays = score_activation_maps(model, val_data, validation, patients, images, source_shapes,
+                                                 config, device)
+    metrics.update(cam_scores)
+    # The results first: the pictures below are optional, and none of them may cost the run its metrics.
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    for suffix, films in (("", "positive films"), ("_detected", "detected positives")):
+        if "cam_in_box" + suffix in metrics:  # no detected positive: no "_detected" scores
             logger.info(f"{films}: CAM mass inside the boxes {metrics['cam_in_box' + suffix]:.3f}, CAM peak "
                         f"inside a box for {metrics['cam_peak_in_box' + suffix]:.3f} of them (boxes cover "
                         f"{metrics['box_area_fraction' + suffix]:.3f} of the image)")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    draw_activation_maps(overlays, out, logger)
     logger.close()
     cleanup_distributed()
     return metrics

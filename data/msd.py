@@ -5,7 +5,6 @@ image and label describe the same grid and that the label uses declared classes.
 """
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import numpy as np
 from data.nifti import read_nifti, read_nifti_header
 
 AFFINE_TOLERANCE_MM = 1e-3
-_CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")  # nnU-Net names channel files case_0000.nii.gz
+# nnU-Net names the image of channel c of a case `<case>_<cccc>.nii.gz` beside the label `<case>.nii.gz`.
+CHANNEL_SUFFIX = "_0000"
 
 
 class DatasetError(ValueError):
@@ -67,10 +67,24 @@ class CaseInfo:
     label_values: tuple[int, ...]
 
 
-def case_id_from_path(path: Path) -> str:
-    """`liver_7.nii.gz` -> `liver_7`; nnU-Net's `liver_7_0000.nii.gz` -> `liver_7`."""
-    stem = path.name.removesuffix(".gz").removesuffix(".nii")
-    return _CHANNEL_SUFFIX.sub("", stem)
+def nifti_stem(path: Path) -> str:
+    """The file name without its NIfTI extension, digits and all: `patient_1001.nii.gz` -> `patient_1001`."""
+    return path.name.removesuffix(".gz").removesuffix(".nii")
+
+
+def label_stems(image_stem: str) -> list[str]:
+    """Names the label of an image may have, most specific first: the image's own name, then, for
+    nnU-Net's layout, the name without the channel suffix (`liver_7_0000` -> `liver_7`)."""
+    if image_stem.endswith(CHANNEL_SUFFIX):
+        return [image_stem, image_stem.removesuffix(CHANNEL_SUFFIX)]
+    return [image_stem]
+
+
+def _is_other_channel(image_stem: str, label_ids: set[str]) -> bool:
+    """Whether the image is channel 1, 2, ... of a case in nnU-Net's layout (`liver_7_0001` beside
+    the label `liver_7`)."""
+    case_id, _, channel = image_stem.rpartition("_")
+    return len(channel) == 4 and channel.isdigit() and case_id in label_ids
 
 
 def _is_nifti(path: Path) -> bool:
@@ -112,7 +126,8 @@ def _cases_from_json(root: Path, json_path: Path, training: object) -> list[MSDC
             continue
         image_path = _resolve(root, entry["image"], "training image", json_path)
         label_path = _resolve(root, entry["label"], "training label", json_path)
-        cases.append(MSDCase(case_id_from_path(image_path), image_path, label_path))
+        # The label names the case: images may carry nnU-Net's channel suffix, labels never do.
+        cases.append(MSDCase(nifti_stem(label_path), image_path, label_path))
     return cases
 
 
@@ -139,15 +154,22 @@ def _read_dataset_json(root: Path, json_path: Path) -> MSDDataset:
     )
 
 
-def _images_by_case(folder: Path) -> dict[str, Path]:
+def _images_by_case(folder: Path, label_ids: set[str]) -> dict[str, Path]:
+    """Case id -> image, each image matched to its label's name: the same name, or the name plus
+    nnU-Net's `_0000`; an unmatched image keeps its own name (and is then reported as unlabelled)."""
     images = {}
     for path in sorted(filter(_is_nifti, folder.iterdir())):
-        suffix = _CHANNEL_SUFFIX.search(path.name.removesuffix(".gz").removesuffix(".nii"))
-        if suffix and suffix.group(1) != "0000":
+        stem = nifti_stem(path)
+        case_id = next((name for name in label_stems(stem) if name in label_ids), None)
+        if case_id is None and _is_other_channel(stem, label_ids):
             raise DatasetError(
                 f"{path}: one file per channel is not supported. Stack the channels into one 4D NIfTI per case."
             )
-        images[case_id_from_path(path)] = path
+        case_id = stem if case_id is None else case_id
+        if case_id in images:
+            raise DatasetError(f"{path}: case {case_id!r} already has the image {images[case_id].name}. "
+                               "Keep one image per case.")
+        images[case_id] = path
     return images
 
 
@@ -156,8 +178,8 @@ def _scan_folders(root: Path, modality: str) -> MSDDataset:
     for folder in (images_dir, labels_dir):
         if not folder.is_dir():
             raise DatasetError(f"{folder}: missing, and {root / 'dataset.json'} is absent too; not an MSD dataset.")
-    images = _images_by_case(images_dir)
-    labels = {case_id_from_path(path): path for path in filter(_is_nifti, labels_dir.iterdir())}
+    labels = {nifti_stem(path): path for path in filter(_is_nifti, labels_dir.iterdir())}
+    images = _images_by_case(images_dir, set(labels))
     for case_id in sorted(images.keys() ^ labels.keys()):
         missing_from = labels_dir if case_id in images else images_dir
         present = images.get(case_id) or labels[case_id]

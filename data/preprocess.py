@@ -29,12 +29,20 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from data.intensity import ct_statistics, normalize_ct, normalize_zscore, sample_foreground
+from data.intensity import (
+    ct_statistics,
+    nonzero_box_share,
+    nonzero_mask,
+    normalize_ct,
+    normalize_zscore,
+    sample_foreground,
+    uses_nonzero_mask,
+)
 from data.msd import DatasetError, MSDCase, MSDDataset, check_case
 from data.nifti import SourceGeometry, Volume, read_nifti, write_nifti_like
 from data.resample import ANISOTROPY_RATIO, resample_image, resample_label, resampled_shape, separate_axis
 
-PLAN_VERSION = 1  # bump when the preprocessing code changes what it writes, so old caches are not reused
+PLAN_VERSION = 2  # bump when the preprocessing code changes what it writes, so old caches are not reused
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)  # a full-resolution CT takes a few GB per worker
 
 
@@ -46,8 +54,10 @@ class PreprocessPlan:
         dataset_name: MSD task name.
         labels: class index -> name; foreground locations are stored for every index >= 1.
         target_spacing: (z, y, x) millimetres.
-        channel_schemes: per channel, "ct" (nnU-Net's CT scheme) or "zscore" (per image, in the body mask).
+        channel_schemes: per channel, "ct" (nnU-Net's CT scheme) or "zscore" (per image).
         channel_statistics: per channel, CT statistics {"lower", "upper", "mean", "std"} or None.
+        channel_use_nonzero_mask: per channel, whether "zscore" is computed inside the non-zero mask
+            (`data.intensity.uses_nonzero_mask`) rather than over the whole image; False for CT.
     """
 
     dataset_name: str
@@ -55,6 +65,7 @@ class PreprocessPlan:
     target_spacing: tuple[float, float, float]
     channel_schemes: list[str]
     channel_statistics: list[dict[str, float] | None]
+    channel_use_nonzero_mask: list[bool]
     crop_margin: int = 3  # voxels kept around the body so boundary patches still see some context
     ct_body_threshold: float = -500.0  # HU: air is about -1000, the lungs about -800 to -500, tissue above
     anisotropy_ratio: float = ANISOTROPY_RATIO
@@ -74,6 +85,9 @@ class PreprocessPlan:
         values = dict(values)
         values["labels"] = {int(index): name for index, name in values["labels"].items()}
         values["target_spacing"] = tuple(float(size) for size in values["target_spacing"])
+        # Plans of version 1 z-scored every non-CT channel inside the non-zero mask: checkpoints that
+        # carry one keep being fed images normalised (up to hole filling) as they were trained on.
+        values.setdefault("channel_use_nonzero_mask", [scheme == "zscore" for scheme in values["channel_schemes"]])
         return cls(**values)
 
     def hash(self) -> str:
@@ -136,7 +150,7 @@ def _case_fingerprint(case: MSDCase, ct_channels: list[int], num_samples: int, s
     samples = {
         channel: sample_foreground(image.array[channel], label.array, num_samples, rng) for channel in ct_channels
     }
-    return {"spacing": image.spacing, "samples": samples}
+    return {"spacing": image.spacing, "samples": samples, "nonzero_box_share": nonzero_box_share(image.array)}
 
 
 def plan_preprocessing(
@@ -147,10 +161,13 @@ def plan_preprocessing(
     samples_per_case: int = 10_000,
     seed: int = 0,
 ) -> PreprocessPlan:
-    """Fingerprint the training cases and derive the preprocessing parameters.
+    """Fingerprint the cases `case_ids` and derive the preprocessing parameters.
 
-    Only `case_ids` (the training split) are read, so validation intensities never leak into the
-    normalisation.
+    The recipes pass every labelled case, validation included, as nnU-Net does, so that all folds
+    share one cache entry. CT statistics therefore come from the foreground of all labelled cases:
+    the validation cases' intensities take part in the CT normalisation. Other channels are z-scored
+    per image with that image's own statistics; only the choice of the non-zero mask looks at all
+    cases.
 
     Args:
         target_spacing: (z, y, x) mm; default the per-axis median spacing of the cases.
@@ -168,12 +185,14 @@ def plan_preprocessing(
         schemes.append("ct" if is_ct else "zscore")
         samples = [item["samples"][channel] for item in fingerprints] if is_ct else []
         statistics.append(ct_statistics(np.concatenate(samples)) if is_ct else None)
+    use_mask = uses_nonzero_mask([item["nonzero_box_share"] for item in fingerprints])
     return PreprocessPlan(
         dataset_name=dataset.name,
         labels=dict(dataset.labels),
         target_spacing=tuple(target_spacing),
         channel_schemes=schemes,
         channel_statistics=statistics,
+        channel_use_nonzero_mask=[use_mask and scheme == "zscore" for scheme in schemes],
         seed=seed,
     )
 
@@ -210,10 +229,15 @@ def _union_with_label(box: list[tuple[int, int]], label: np.ndarray) -> list[tup
 
 
 def _normalize(image: np.ndarray, plan: PreprocessPlan) -> np.ndarray:
-    body_mask = np.any(image != 0, axis=0)
+    mask = nonzero_mask(image) if any(plan.channel_use_nonzero_mask) else None
     channels = []
-    for channel, scheme, statistics in zip(image, plan.channel_schemes, plan.channel_statistics):
-        channels.append(normalize_ct(channel, statistics) if scheme == "ct" else normalize_zscore(channel, body_mask))
+    for channel, scheme, statistics, use_mask in zip(
+        image, plan.channel_schemes, plan.channel_statistics, plan.channel_use_nonzero_mask
+    ):
+        if scheme == "ct":
+            channels.append(normalize_ct(channel, statistics))
+        else:
+            channels.append(normalize_zscore(channel, mask if use_mask else None))
     return np.stack(channels)
 
 

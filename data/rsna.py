@@ -141,7 +141,7 @@ def split_patients(patients: list[RsnaPatient], val_fraction: float, seed: int) 
     validation = set()
     for ids in strata.values():
         if len(ids) >= 2:  # a lone patient cannot be split; it trains
-            validation.update(split_cases(ids, val_fraction, seed)[1])
+            validation.update(split_cases(ids, val_fraction, seed, patient_pattern="")[1])  # ids are patients
     train = [i for i, p in enumerate(patients) if p.patient_id not in validation]
     val = [i for i, p in enumerate(patients) if p.patient_id in validation]
     return train, val

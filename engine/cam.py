@@ -135,7 +135,9 @@ def save_cam_overlay(path: Path, image: np.ndarray, cam: np.ndarray, boxes=(), c
     picture = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(picture)
     for x, y, width, height in boxes:
-        draw.rectangle([x, y, x + width - 1, y + height - 1], outline=(0, 255, 0), width=1)
+        # A box scaled below one pixel (a small opacity on a large film shown small) is still marked,
+        # as one pixel: PIL refuses a rectangle whose far corner lies before its near one.
+        draw.rectangle([x, y, max(x + width - 1, x), max(y + height - 1, y)], outline=(0, 255, 0), width=1)
     if caption:
         draw.text((2, 1), caption, fill=(255, 255, 255))
     Path(path).parent.mkdir(parents=True, exist_ok=True)

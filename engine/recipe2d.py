@@ -20,7 +20,7 @@ from data.msd import DatasetError, read_msd_dataset
 from data.preprocess import load_preprocessed_case, plan_preprocessing, preprocess_dataset, save_prediction
 from data.samplers import WeightedSliceSampler
 from data.slices import SliceDataset
-from data.splits import split_cases
+from data.splits import count_patients, split_cases
 from engine.benchmark import benchmark_training
 from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
@@ -37,8 +37,10 @@ LOSSES = ("dice", "bce", "bce_dice")
 
 def prepare_volumes(data_dir: str | None, make_phantom: Callable[[Path], Path], cache_dir: str,
                     val_fraction: float, split_seed: int, fold: int | None, spacing: tuple[float, ...] | None,
-                    hu_window: tuple[float, ...] | None, workers: int, logger: RunLogger):
-    """Read the task folder (or generate the phantom), split by case, preprocess once into the cache.
+                    hu_window: tuple[float, ...] | None, workers: int, logger: RunLogger, *,
+                    patient_pattern: str, splits_file: str | None):
+    """Read the task folder (or generate the phantom), split by patient (`data/splits.py`: cases
+    grouped by ``patient_pattern``, or fold ``fold`` of ``splits_file``), preprocess once into the cache.
 
     MRI channels are z-scored per volume; CT channels get the foundation's foreground statistics or,
     with `hu_window` (lower, upper), that fixed Hounsfield window mapped onto [-1, 1].
@@ -50,7 +52,11 @@ def prepare_volumes(data_dir: str | None, make_phantom: Callable[[Path], Path], 
     root = make_phantom(cache_dir / "synthetic") if data_dir is None else Path(data_dir)
     dataset = read_msd_dataset(root)
     case_ids = [case.case_id for case in dataset.cases]
-    train_ids, val_ids = split_cases(case_ids, val_fraction, split_seed, fold)
+    try:
+        train_ids, val_ids = split_cases(case_ids, val_fraction, split_seed, fold, patient_pattern=patient_pattern,
+                                         splits_file=splits_file)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     # Intensity statistics come from all labelled cases, as in train_liver3d.py, so folds share a cache.
     plan = plan_preprocessing(dataset, case_ids, target_spacing=spacing, workers=max(workers, 1))
     if hu_window is not None:
@@ -60,7 +66,8 @@ def prepare_volumes(data_dir: str | None, make_phantom: Callable[[Path], Path], 
                       for scheme, values in zip(plan.channel_schemes, plan.channel_statistics)]
         plan = dataclasses.replace(plan, channel_statistics=statistics)
     entry = preprocess_dataset(dataset, plan, cache_dir, case_ids, workers=max(workers, 1))
-    logger.info(f"{dataset.name}: {len(train_ids)} training / {len(val_ids)} validation cases, "
+    logger.info(f"{dataset.name}: {len(train_ids)} training / {len(val_ids)} validation cases "
+                f"({count_patients(train_ids, patient_pattern)} / {count_patients(val_ids, patient_pattern)} patients), "
                 f"{len(dataset.modality)} channel(s) {dataset.modality}, classes {dataset.labels}, "
                 f"spacing {plan.target_spacing} mm, cache {entry}")
     return dataset, plan, entry, train_ids, val_ids
@@ -173,7 +180,8 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
     with main_process_first():  # under torchrun rank 0 fills the cache, the others then read it
         dataset, plan, entry, train_ids, val_ids = prepare_volumes(
             config.data_dir, make_phantom, config.cache_dir, config.val_fraction, config.split_seed, config.fold,
-            config.spacing, hu_window, config.workers, logger)
+            config.spacing, hu_window, config.workers, logger, patient_pattern=config.patient_pattern,
+            splits_file=config.splits_file)
     train_data = SliceDataset(entry, train_ids, config.slice_axis, config.image_size, config.fit, config.augment,
                               config.seed)
     sampler = WeightedSliceSampler(train_data.slice_has_foreground, config.samples_per_epoch,

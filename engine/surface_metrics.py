@@ -4,9 +4,18 @@ Dice rewards overlap but hardly notices a thin wrong rim or a stray island far f
 the surface metrics below measure where the boundary lies, in mm, using the voxel ``spacing``
 (one value per array axis, in the arrays' own axis order, e.g. ``(z, y, x)``).
 
-Surface voxels are the voxels of a mask with at least one of their ``3**ndim - 1`` neighbours
-(full connectivity: faces, edges and corners) outside the mask. The image border counts as outside,
-so an organ cut by the field of view has a surface where it is cut.
+Definitions, those of MONAI's ``compute_hausdorff_distance(percentile=95)`` and
+``compute_surface_dice`` (with its default of counting boundary voxels), so our figures compare with
+papers that report MONAI's or DeepMind's ``surface-distance`` values:
+
+- surface voxels are the voxels of a mask with at least one of their ``2 * ndim`` face neighbours
+  outside the mask (face connectivity, scipy's default erosion). The image border counts as outside,
+  so an organ cut by the field of view has a surface where it is cut.
+- HD95 is the larger of the two directed 95th percentiles (numpy's linear interpolation) of the
+  surface distances, prediction -> reference and reference -> prediction: a prediction that is good
+  one way but misses a part of the reference the other way is not averaged away.
+- NSD counts surface voxels: every surface voxel weighs the same, where Nikolov et al. 2021
+  (arXiv:1809.04430) and ``surface-distance`` weigh each surface element by its area.
 
 Empty masks follow the Dice convention of ``engine.metrics.dice_per_class``, and no function returns NaN,
 so means over cases stay defined:
@@ -63,12 +72,11 @@ def hausdorff_distance_95(
 ) -> float:
     """95th percentile Hausdorff distance (HD95) in mm between two binary masks.
 
-    Definition used: the 95th percentile (numpy's default linear interpolation) of the pooled surface
-    distances of both directions, prediction -> reference and reference -> prediction, as
-    ``medpy.metric.binary.hd95`` (the HD95 of nnU-Net v1's evaluation). MONAI and DeepMind's
-    ``surface-distance`` instead take the larger of the two directed 95th percentiles, which can give a
-    larger value when one direction holds most of the large distances. medpy's default erosion is
-    face-connected; the full connectivity used here makes the surfaces slightly thicker.
+    Definition used: the larger of the two directed 95th percentiles (numpy's default linear
+    interpolation) of the surface distances, prediction -> reference and reference -> prediction, as
+    MONAI's ``compute_hausdorff_distance(percentile=95)`` and DeepMind's ``surface-distance``.
+    ``medpy.metric.binary.hd95`` pools both directions before taking one percentile instead, which
+    gives a smaller value when one direction holds most of the large distances.
 
     Args:
         prediction: binary mask (*spatial), numpy or torch.
@@ -90,9 +98,10 @@ def normalized_surface_dice(
 
     NSD = (surface voxels of the prediction within ``tolerance_mm`` of the reference surface
     + surface voxels of the reference within ``tolerance_mm`` of the prediction surface)
-    / (all surface voxels of both). This counts voxels, an approximation of Nikolov et al. 2021
-    (arXiv:1809.04430), who weight each surface element by its area: here every surface voxel weighs
-    the same, so values can differ somewhat from theirs, most with strongly anisotropic spacing.
+    / (all surface voxels of both), as MONAI's ``compute_surface_dice`` with its default
+    ``use_subvoxels=False``. Counting voxels approximates Nikolov et al. 2021 (arXiv:1809.04430), who
+    weight each surface element by its area: values can differ somewhat from theirs, most with
+    strongly anisotropic spacing.
 
     Args:
         prediction: binary mask (*spatial), numpy or torch.
@@ -193,16 +202,17 @@ def _surface_scores(
         return 0.0, 1.0
     if prediction_empty or reference_empty:
         return _image_diagonal_mm(prediction.shape, spacing), 0.0
-    distances = np.concatenate(surface_distances(prediction, reference, spacing))
-    hd95 = float(np.percentile(distances, 95))
+    prediction_to_reference, reference_to_prediction = surface_distances(prediction, reference, spacing)
+    hd95 = max(float(np.percentile(prediction_to_reference, 95)), float(np.percentile(reference_to_prediction, 95)))
+    distances = np.concatenate([prediction_to_reference, reference_to_prediction])
     nsd = float(np.count_nonzero(distances <= tolerance_mm) / distances.size)
     return hd95, nsd
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-    """Voxels of a boolean mask with a neighbour (faces, edges or corners) outside it or the image."""
-    full_connectivity = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
-    return mask & ~ndimage.binary_erosion(mask, structure=full_connectivity, border_value=0)
+    """Voxels of a boolean mask with a face neighbour outside it or the image."""
+    face_connectivity = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=face_connectivity, border_value=0)
 
 
 def _joint_bounding_box(prediction: np.ndarray, reference: np.ndarray) -> tuple[slice, ...]:

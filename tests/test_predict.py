@@ -111,14 +111,17 @@ def constant_checkpoint(checkpoint_path, probabilities, path):
 
 def test_liver3d_mask_keeps_the_oblique_source_geometry(liver_checkpoint, cache_dir, tmp_path):
     affine = oblique_affine((-15.5, -18.0, 2.7), (6, 4), (190.0, 180.0, -300.0))
-    scan = oblique_scan(cache_dir, "LiverPhantom", np.s_[:23, 1:22, 3:36], affine, tmp_path / "in" / "ct_7.nii.gz")
+    # A name ending in four digits (a year, a patient number) is the case's name, not a channel suffix.
+    scan = oblique_scan(cache_dir, "LiverPhantom", np.s_[:23, 1:22, 3:36], affine, tmp_path / "in" / "ct_2023.nii.gz")
     rows = predict.main(["--checkpoint", str(liver_checkpoint), "--input", str(scan), "--output",
                          str(tmp_path / "out"), "--tta", "--keep-largest", "--device", "cpu"])
-    assert [row["case"] for row in rows] == ["ct_7"]
-    mask = assert_same_geometry(tmp_path / "out" / "ct_7.nii.gz", scan)
+    assert [row["case"] for row in rows] == ["ct_2023"]
+    mask = assert_same_geometry(tmp_path / "out" / "ct_2023.nii.gz", scan)
     assert set(np.unique(mask)) <= labels_of(liver_checkpoint)
-    assert (tmp_path / "out" / "ct_7.png").is_file()
-    assert [row["case"] for row in read_csv(tmp_path / "out" / "volumes.csv")] == ["ct_7"]
+    assert (tmp_path / "out" / "ct_2023.png").is_file()
+    assert [row["case"] for row in read_csv(tmp_path / "out" / "volumes.csv")] == ["ct_2023"]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["ct_2023.nii.gz", "ct_2023.png",
+                                                                          "volumes.csv"]
 
 
 def test_2d_mask_keeps_the_source_geometry_and_skips_other_files(atrium_checkpoint, cache_dir, tmp_path):
@@ -132,7 +135,7 @@ def test_2d_mask_keeps_the_source_geometry_and_skips_other_files(atrium_checkpoi
                          str(tmp_path / "out"), "--keep-largest"])
     assert [row["case"] for row in rows] == ["heart_3", "heart_4"]
     for case, source in (("heart_3", "heart_3.nii.gz"), ("heart_4", "heart_4.nii")):
-        mask = assert_same_geometry(tmp_path / "out" / f"{case}.nii.gz", folder / source)
+        mask = assert_same_geometry(tmp_path / "out" / source, folder / source)  # the input's own file name
         assert set(np.unique(mask)) <= labels_of(atrium_checkpoint)
         assert (tmp_path / "out" / f"{case}.png").is_file()
     assert [row["case"] for row in read_csv(tmp_path / "out" / "volumes.csv")] == ["heart_3", "heart_4"]
@@ -258,7 +261,8 @@ def test_help_explains_every_flag(capsys):
 def test_labels_score_each_case_on_the_source_grid(liver_checkpoint, cache_dir, tmp_path):
     liver = constant_checkpoint(liver_checkpoint, [0.2, 0.7, 0.1], tmp_path / "liver.pt")  # liver everywhere
     affine = oblique_affine((-15.0, -19.0, 2.6), (8, 5), (190.0, 180.0, -300.0))
-    scan = oblique_scan(cache_dir, "LiverPhantom", np.s_[:, 2:, 5:38], affine, tmp_path / "in" / "ct_3.nii.gz")
+    # nnU-Net's layout: the image ct_3_0000.nii.gz, its reference mask ct_3.nii.gz.
+    scan = oblique_scan(cache_dir, "LiverPhantom", np.s_[:, 2:, 5:38], affine, tmp_path / "in" / "ct_3_0000.nii.gz")
     shape = nib.load(scan).shape
     reference = np.zeros(shape, np.uint8)
     reference[2:10, 3:9, 4:20] = 1  # 768 voxels of liver, no cancer
@@ -268,8 +272,8 @@ def test_labels_score_each_case_on_the_source_grid(liver_checkpoint, cache_dir, 
     predict.main(["--checkpoint", str(liver), "--input", str(scan), "--output", str(tmp_path / "out"),
                   "--labels", str(tmp_path / "labels")])
     rows = read_csv(tmp_path / "out" / "scores.csv")
-    assert [row["case"] for row in rows] == ["ct_3", "mean"]
-    predicted = np.count_nonzero(np.asanyarray(nib.load(tmp_path / "out" / "ct_3.nii.gz").dataobj) == 1)
+    assert [row["case"] for row in rows] == ["ct_3_0000", "mean"]
+    predicted = np.count_nonzero(np.asanyarray(nib.load(tmp_path / "out" / "ct_3_0000.nii.gz").dataobj) == 1)
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000
     assert float(rows[0]["dice_liver"]) == pytest.approx(2 * 768 / (768 + predicted), rel=1e-5)
     assert float(rows[0]["volume_difference_ml_liver"]) == pytest.approx((predicted - 768) * voxel_ml, rel=1e-5)
@@ -278,6 +282,6 @@ def test_labels_score_each_case_on_the_source_grid(liver_checkpoint, cache_dir, 
     assert rows[1]["dice_liver"] == rows[0]["dice_liver"]  # the mean over one case
 
     write_nifti(reference[:, :-1], affine, tmp_path / "wrong" / "ct_3.nii.gz")
-    with pytest.raises(SystemExit, match="not the reference mask of case ct_3"):
+    with pytest.raises(SystemExit, match="not the reference mask of case ct_3_0000"):
         predict.main(["--checkpoint", str(liver), "--input", str(scan), "--output", str(tmp_path / "out2"),
                       "--labels", str(tmp_path / "wrong")])

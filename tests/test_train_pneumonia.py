@@ -80,6 +80,38 @@ def test_pos_weight_grad_cam_and_flips_run(tmp_path, cache_dir):
         run(tmp_path / "other", cache_dir, "--balance", "oversample")
 
 
+def test_a_picture_that_cannot_be_drawn_costs_no_results(tmp_path, cache_dir, monkeypatch, capsys):
+    """PIL refuses some pictures (a box scaled below one pixel, before the overlay learned to draw
+    those); the run must still write its metrics and checkpoints, and name the film it skipped."""
+    def refuse(path, *args, **kwargs):
+        raise ValueError("x1 must be greater than or equal to x0")
+
+    monkeypatch.setattr(train_pneumonia, "save_cam_overlay", refuse)
+    metrics = run(tmp_path / "run", cache_dir, "--epochs", "1")
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written == metrics and np.isfinite(written["auc"]) and "cam_in_box" in written
+    assert (tmp_path / "run" / "last.pt").is_file() and (tmp_path / "run" / "best.pt").is_file()
+    assert not list((tmp_path / "run").glob("cam/*.png"))
+    console = capsys.readouterr().out
+    assert console.count("warning: no CAM overlay for film ") == 3  # --cam-images 3
+    assert "x1 must be greater than or equal to x0" in console
+
+
+def test_no_detected_positive_leaves_out_the_detected_scores(tmp_path, cache_dir, monkeypatch):
+    """A Youden threshold above every probability detects no positive: the run reports the CAM scores
+    over all positive films and leaves out the ``_detected`` ones, which have no films to average."""
+    classification_metrics = train_pneumonia.classification_metrics
+
+    def unreachable_threshold(probabilities, labels):
+        return {**classification_metrics(probabilities, labels), "threshold_youden": 2.0}
+
+    monkeypatch.setattr(train_pneumonia, "classification_metrics", unreachable_threshold)
+    metrics = run(tmp_path / "run", cache_dir, "--epochs", "1")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+    assert "cam_in_box" in metrics and not any(key.endswith("_detected") for key in metrics)
+    assert len(list((tmp_path / "run" / "cam").glob("*.png"))) == 3
+
+
 def test_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit):
         train_pneumonia.main(["--help"])

@@ -71,6 +71,37 @@ def test_scans_folders_without_dataset_json_and_ignores_macos_files(tmp_path):
     assert dataset.name == tmp_path.name
 
 
+def test_four_digit_case_names_are_kept(tmp_path):
+    """Only nnU-Net's channel suffix `_0000` of an image whose label lacks it is stripped: ids ending
+    in four digits (patients, years) are case names, and must not collide."""
+    for case_id in ("patient_1001", "patient_1002", "ct_2023"):
+        _write_case(tmp_path, case_id)
+    assert [case.case_id for case in read_msd_dataset(tmp_path).cases] == ["ct_2023", "patient_1001", "patient_1002"]
+    _write_json(tmp_path, ["patient_1001", "patient_1002", "ct_2023"])
+    assert [case.case_id for case in read_msd_dataset(tmp_path).cases] == ["ct_2023", "patient_1001", "patient_1002"]
+
+
+def test_dataset_json_takes_the_case_id_from_the_label(tmp_path):
+    _write_case(tmp_path, "liver_1")
+    _write_case(tmp_path, "liver_2")
+    (tmp_path / "imagesTr" / "liver_1.nii.gz").rename(tmp_path / "imagesTr" / "liver_1_0000.nii.gz")
+    training = [{"image": "./imagesTr/liver_1_0000.nii.gz", "label": "./labelsTr/liver_1.nii.gz"},
+                {"image": "./imagesTr/liver_2.nii.gz", "label": "./labelsTr/liver_2.nii.gz"}]
+    _write_json(tmp_path, [], training=training)
+    assert [case.case_id for case in read_msd_dataset(tmp_path).cases] == ["liver_1", "liver_2"]
+
+
+def test_channel_files_and_double_images_are_named(tmp_path):
+    _write_case(tmp_path, "case_7")
+    (tmp_path / "imagesTr" / "case_7.nii.gz").rename(tmp_path / "imagesTr" / "case_7_0000.nii.gz")
+    (tmp_path / "imagesTr" / "case_7_0001.nii.gz").write_bytes((tmp_path / "imagesTr" / "case_7_0000.nii.gz").read_bytes())
+    with pytest.raises(DatasetError, match=r"case_7_0001\.nii\.gz: one file per channel"):
+        read_msd_dataset(tmp_path)
+    (tmp_path / "imagesTr" / "case_7_0001.nii.gz").rename(tmp_path / "imagesTr" / "case_7.nii.gz")
+    with pytest.raises(DatasetError, match=r"case_7_0000\.nii\.gz: case 'case_7' already has the image case_7\.nii\.gz"):
+        read_msd_dataset(tmp_path)
+
+
 def test_missing_label_file_is_named(tmp_path):
     _write_case(tmp_path, "liver_1")
     _write_json(tmp_path, ["liver_1", "liver_2"])

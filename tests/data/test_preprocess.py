@@ -5,6 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 import data.preprocess as preprocess
 from data.intensity import normalize_zscore
@@ -146,13 +147,13 @@ def test_plan_round_trips_through_json_and_weights_only_checkpoint(tmp_path):
 
 
 def test_ct_crop_keeps_largest_component_and_mri_crop_keeps_nonzero():
-    plan = PreprocessPlan("t", {0: "background"}, (1.0, 1.0, 1.0), ["ct"], [None], crop_margin=1)
+    plan = PreprocessPlan("t", {0: "background"}, (1.0, 1.0, 1.0), ["ct"], [None], [False], crop_margin=1)
     image = np.full((1, 17, 19, 23), -1000.0, np.float32)
     image[0, 4:12, 5:15, 6:20] = 30  # body
     image[0, 14:16, 1:3, 1:3] = 200  # separate scanner table fragment
     assert body_bounding_box(image, plan) == [(3, 13), (4, 16), (5, 21)]
 
-    mri_plan = PreprocessPlan("t", {0: "background"}, (1.0, 1.0, 1.0), ["zscore"], [None], crop_margin=2)
+    mri_plan = PreprocessPlan("t", {0: "background"}, (1.0, 1.0, 1.0), ["zscore"], [None], [True], crop_margin=2)
     mri = np.zeros((2, 17, 19, 23), np.float32)
     mri[1, 3:6, 0:4, 20:23] = 1.0
     assert body_bounding_box(mri, mri_plan) == [(1, 8), (0, 6), (18, 23)]
@@ -166,6 +167,83 @@ def test_zscore_uses_body_voxels_only():
     values = channel[mask]
     np.testing.assert_allclose(normalized[mask], (values - values.mean()) / values.std(), rtol=1e-5)
     assert np.all(normalized[~mask] == 0)
+    whole = normalize_zscore(channel)
+    np.testing.assert_allclose(whole, (channel - channel.mean()) / channel.std(), rtol=1e-5, atol=1e-6)
+
+
+def _write_mri_dataset(root, images: list[np.ndarray]):
+    """An MRI task of one case per (i, j, k) image, with a one-voxel label each."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    affine = np.diag([1.5, 1.0, 1.0, 1.0])
+    for index, image in enumerate(images):
+        label = np.zeros(image.shape, np.uint8)
+        label[tuple(size // 2 for size in image.shape)] = 1
+        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), root / "imagesTr" / f"heart_{index}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), root / "labelsTr" / f"heart_{index}.nii.gz")
+    metadata = {"name": "Task02_Heart", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "atrium"},
+                "training": [{"image": f"./imagesTr/heart_{i}.nii.gz", "label": f"./labelsTr/heart_{i}.nii.gz"}
+                             for i in range(len(images))], "test": []}
+    (root / "dataset.json").write_text(json.dumps(metadata))
+    return read_msd_dataset(root)
+
+
+def _normalized_without_resampling(dataset, plan, case_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(raw, normalised) canonical (Z, Y, X) arrays of one case, on the same cropped grid."""
+    volume = read_nifti(dataset.cases[case_index].image_path)
+    image, properties = preprocess_image(volume, plan)
+    crop = tuple(slice(start, stop) for start, stop in properties["crop_box"])
+    return volume.array[0][crop], image[0]
+
+
+def test_mri_without_a_zero_background_is_zscored_over_the_whole_image(tmp_path):
+    """Dark tissue that happens to be exactly 0 must stay below the tissue of raw 1..3, not jump to
+    the mean: a non-zero mask covering the whole field of view is not a body mask."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 40, size=(13, 11, 9)).astype(np.float32) for _ in range(3)]
+    dataset = _write_mri_dataset(tmp_path / "task", images)
+    plan = plan_preprocessing(dataset, [case.case_id for case in dataset.cases], workers=1)
+    assert plan.channel_schemes == ["zscore"] and plan.channel_use_nonzero_mask == [False]
+
+    raw, normalized = _normalized_without_resampling(dataset, plan, case_index=0)
+    assert (raw == 0).any() and (raw == 1).any()
+    np.testing.assert_allclose(normalized, (raw - raw.mean()) / raw.std(), rtol=1e-4, atol=1e-5)
+    assert normalized[raw == 0].max() < normalized[raw == 1].min()
+
+
+def test_mri_with_a_zero_background_is_zscored_inside_the_filled_nonzero_mask(tmp_path):
+    """A body that fills a quarter of the field of view on a background of exact zeros (nnU-Net's
+    criterion: median share inside the non-zero box < 3/4): statistics come from the body, with the
+    zero holes inside it filled, and the background becomes 0."""
+    images = []
+    for seed in range(3):
+        image = np.zeros((17, 15, 13), np.float32)
+        image[3:12, 2:10, 4:11] = 50 + np.random.default_rng(seed).normal(0, 5, (9, 8, 7))
+        image[6:8, 5:7, 6:8] = 0  # an enclosed dark structure: part of the body
+        images.append(image)
+    dataset = _write_mri_dataset(tmp_path / "task", images)
+    plan = plan_preprocessing(dataset, [case.case_id for case in dataset.cases], workers=1)
+    assert plan.channel_use_nonzero_mask == [True]
+
+    raw, normalized = _normalized_without_resampling(dataset, plan, case_index=1)
+    body = ndimage.binary_fill_holes(raw != 0)
+    assert (body & (raw == 0)).sum() == 8  # the hole is filled, and it is all of the mask's zeros
+    values = raw[body]
+    np.testing.assert_allclose(normalized[body], (values - values.mean()) / values.std(), rtol=1e-4, atol=1e-5)
+    assert np.all(normalized[~body] == 0)
+    assert normalized[body & (raw == 0)].max() < -5  # the hole is darker than the body, not its mean
+
+
+def test_nonzero_mask_decision_is_part_of_the_plan_hash(tmp_path):
+    plan = plan_preprocessing(_write_dataset(tmp_path / "task"), ["liver_1"], target_spacing=(2.0, 1.0, 1.0), workers=1)
+    assert plan.channel_use_nonzero_mask == [False]  # CT never uses it
+    other = PreprocessPlan.from_dict({**plan.to_dict(), "channel_use_nonzero_mask": [True]})
+    assert other.hash() != plan.hash()
+    # A plan of version 1, as older checkpoints carry it, normalised every z-scored channel in the mask.
+    old = {key: value for key, value in plan.to_dict().items() if key != "channel_use_nonzero_mask"}
+    old_mri = PreprocessPlan.from_dict({**old, "channel_schemes": ["zscore"], "channel_statistics": [None],
+                                        "version": 1})
+    assert old_mri.channel_use_nonzero_mask == [True]
 
 
 def test_cache_entry_layout_and_contents(tmp_path):

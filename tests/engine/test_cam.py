@@ -131,3 +131,14 @@ def test_overlay_png_shows_the_box_in_green(tmp_path):
     assert tuple(picture[12, 8]) == (0, 255, 0) and tuple(picture[12, 16]) == (0, 255, 0)  # bottom edge
     assert picture[15, 15, 0] > picture[15, 15, 2]  # strongest heat is red
     assert picture[28, 40, 0] == picture[28, 40, 1] == picture[28, 40, 2]  # no heat: grey
+
+
+def test_overlay_marks_a_box_smaller_than_one_pixel(tmp_path):
+    """A small opacity on a large film shown at a small size scales below one pixel; it is still drawn."""
+    image = np.full((31, 47), 100, np.uint8)
+    save_cam_overlay(tmp_path / "a.png", image, np.zeros((31, 47)), [(20.3, 7.6, 0.4, 0.2), (3, 5, 0.6, 9)])
+    picture = np.asarray(Image.open(tmp_path / "a.png"))
+    green = np.argwhere(np.all(picture == (0, 255, 0), axis=-1))
+    assert {(7, 20), (8, 20)} & {tuple(pixel) for pixel in green}
+    tall = {column for row, column in green if row > 9}
+    assert len(tall) == 1 and tall <= {3, 4}  # the thin tall box: one column wide

@@ -32,11 +32,12 @@ def shifted_cubes(shift: int, axis: int, shape=(21, 23, 25), side: int = 7):
 
 
 def brute_force_surface(mask: np.ndarray) -> np.ndarray:
-    """Mask voxels with any of their 3^ndim - 1 neighbours outside the mask or the image."""
+    """Mask voxels with any of their 2 * ndim face neighbours outside the mask or the image."""
     padded = np.pad(mask, 1)  # outside the image counts as background
     interior = np.ones_like(mask)
     for offset in itertools.product((-1, 0, 1), repeat=mask.ndim):
-        interior &= padded[tuple(slice(1 + o, 1 + o + n) for o, n in zip(offset, mask.shape))]
+        if np.count_nonzero(offset) == 1:  # a face neighbour: one step along one axis
+            interior &= padded[tuple(slice(1 + o, 1 + o + n) for o, n in zip(offset, mask.shape))]
     return mask & ~interior
 
 
@@ -45,6 +46,58 @@ def brute_force_distances(source: np.ndarray, target: np.ndarray, spacing) -> np
     source_points = np.argwhere(brute_force_surface(source)) * np.asarray(spacing)
     target_points = np.argwhere(brute_force_surface(target)) * np.asarray(spacing)
     return cdist(source_points, target_points).min(axis=1)
+
+
+def ellipsoid(shape, centre, radius_mm: float, spacing) -> np.ndarray:
+    """Voxels (2D or 3D) within radius_mm of the centre (in voxels, may be fractional or outside)."""
+    grid = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, spacing)) <= radius_mm**2
+
+
+def box(shape, start, stop) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[tuple(slice(a, b) for a, b in zip(start, stop))] = True
+    return mask
+
+
+def monai_reference_cases() -> dict[str, tuple[np.ndarray, np.ndarray, tuple, float]]:
+    """{name: (prediction, reference, spacing, tolerance_mm)} scored by MONAI in MONAI_VALUES."""
+    anisotropic = (2.0, 0.8, 0.8)
+    return {
+        "overlapping spheres": (ellipsoid((15, 41, 43), (7, 20, 21), 9.0, anisotropic),
+                                ellipsoid((15, 41, 43), (7.4, 21.3, 20.2), 10.1, anisotropic), anisotropic, 2.0),
+        "spheres far apart": (ellipsoid((17, 45, 43), (8, 20, 21), 8.0, anisotropic),
+                              ellipsoid((17, 45, 43), (9, 25, 22), 11.0, anisotropic), anisotropic, 2.0),
+        "off-centre cube vs sphere": (box((19, 23, 25), (3, 5, 4), (12, 15, 13)),
+                                      ellipsoid((19, 23, 25), (9, 11, 12), 6.0, (1.5, 1.0, 1.2)), (1.5, 1.0, 1.2), 1.5),
+        "spheres cut by the image border": (ellipsoid((13, 29, 31), (6, 2, 28), 9.0, anisotropic),
+                                            ellipsoid((13, 29, 31), (3, 1, 30), 11.5, anisotropic), anisotropic, 2.0),
+        "2D disc vs rectangle": (ellipsoid((37, 41), (17, 20), 11.0, (0.7, 1.3)), box((37, 41), (5, 9), (27, 28)),
+                                 (0.7, 1.3), 1.0),
+    }
+
+
+# (HD95 mm, NSD) from MONAI 1.6.1, computed once with this script from the repository root (MONAI is
+# no dependency of the tests; benchmarks/requirements-bench.txt installs it):
+#
+#   import torch
+#   from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+#   from tests.engine.test_surface_metrics import monai_reference_cases
+#   for name, (prediction, reference, spacing, tolerance_mm) in monai_reference_cases().items():
+#       y_pred, y = (torch.from_numpy(mask)[None, None].float() for mask in (prediction, reference))
+#       hd95 = compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95, spacing=spacing)
+#       nsd = compute_surface_dice(y_pred, y, [tolerance_mm], include_background=True, spacing=spacing)
+#       print(f'"{name}": ({hd95.item():.6f}, {nsd.item():.6f}),')
+#
+# MONAI leaves empty masks undefined (HD95 NaN when either mask is empty, NSD NaN when both are, 0.0
+# when one is); we keep the conventions of the module docstring, which agree on the one-sided NSD.
+MONAI_VALUES = {
+    "overlapping spheres": (2.400000, 0.870745),
+    "spheres far apart": (6.926466, 0.378676),
+    "off-centre cube vs sphere": (6.876772, 0.319876),
+    "spheres cut by the image border": (5.184593, 0.551464),
+    "2D disc vs rectangle": (4.801042, 0.246575),
+}
 
 
 def random_blobs(shape, seed: int):
@@ -63,6 +116,34 @@ def test_shifted_cube_hd95_is_the_shift_in_mm(shift, axis):
     assert hausdorff_distance_95(reference, prediction, SPACING) == pytest.approx(expected)
     assert normalized_surface_dice(prediction, reference, SPACING, tolerance_mm=expected + 0.01) == 1.0
     assert normalized_surface_dice(prediction, reference, SPACING, tolerance_mm=expected - 0.01) < 1.0
+
+
+@pytest.mark.parametrize("name", sorted(MONAI_VALUES))
+def test_hd95_and_nsd_match_monai(name):
+    """Face-connected surfaces, HD95 as the larger directed percentile, NSD counting surface voxels.
+    MONAI measures distances in float32, hence the tolerance of a few float32 steps."""
+    prediction, reference, spacing, tolerance_mm = monai_reference_cases()[name]
+    monai_hd95, monai_nsd = MONAI_VALUES[name]
+    for first, second in ((prediction, reference), (reference, prediction)):  # both are symmetric
+        assert hausdorff_distance_95(first, second, spacing) == pytest.approx(monai_hd95, abs=1e-5)
+        assert normalized_surface_dice(first, second, spacing, tolerance_mm) == pytest.approx(monai_nsd, abs=1e-6)
+    metrics = surface_metrics_per_class(prediction.astype(np.int64), reference.astype(np.int64), num_classes=2,
+                                        spacing=spacing, tolerance_mm=tolerance_mm)
+    assert metrics[1]["hd95_mm"] == pytest.approx(monai_hd95, abs=1e-5)
+    assert metrics[1]["nsd"] == pytest.approx(monai_nsd, abs=1e-6)
+
+
+def test_hd95_is_the_larger_directed_percentile():
+    """A prediction that covers the reference and adds a far island: every reference surface voxel is
+    found (directed 95th percentile 0) while the island's voxels, 30 % of the prediction's surface,
+    lie far away; pooling both directions would dilute them below the 95th percentile."""
+    reference = box((17, 19, 21), (2, 2, 2), (9, 9, 9))
+    prediction = reference | box((17, 19, 21), (13, 14, 15), (16, 17, 18))
+    prediction_to_reference, reference_to_prediction = surface_distances(prediction, reference, SPACING)
+    assert np.percentile(reference_to_prediction, 95) == 0.0
+    expected = np.percentile(prediction_to_reference, 95)
+    assert expected > np.percentile(np.concatenate([prediction_to_reference, reference_to_prediction]), 95)
+    assert hausdorff_distance_95(prediction, reference, SPACING) == pytest.approx(expected)
 
 
 def test_identical_masks_score_hd95_zero_and_nsd_one():
@@ -100,10 +181,12 @@ def test_matches_brute_force_on_random_blobs(shape, spacing, pad):
     np.testing.assert_allclose(prediction_to_reference, brute_force_distances(prediction, reference, spacing))
     np.testing.assert_allclose(reference_to_prediction, brute_force_distances(reference, prediction, spacing))
 
-    pooled = np.concatenate([brute_force_distances(prediction, reference, spacing),
-                             brute_force_distances(reference, prediction, spacing)])
-    assert 0 < np.percentile(pooled, 95)  # the blobs differ, so the test can fail
-    assert hausdorff_distance_95(prediction, reference, spacing) == pytest.approx(np.percentile(pooled, 95))
+    directed = [brute_force_distances(prediction, reference, spacing),
+                brute_force_distances(reference, prediction, spacing)]
+    expected_hd95 = max(np.percentile(distances, 95) for distances in directed)
+    assert 0 < expected_hd95  # the blobs differ, so the test can fail
+    assert hausdorff_distance_95(prediction, reference, spacing) == pytest.approx(expected_hd95)
+    pooled = np.concatenate(directed)
     expected_nsd = np.mean(pooled <= 1.5)
     assert 0 < expected_nsd < 1
     assert normalized_surface_dice(prediction, reference, spacing, tolerance_mm=1.5) == pytest.approx(expected_nsd)

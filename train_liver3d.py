@@ -234,6 +234,8 @@ def main(argv: list[str]) -> dict:
     # workers, so every patch is reproducible whatever the number of workers or a resume.
     with main_process_first():  # under torchrun rank 0 fills the cache, the others then read it
         dataset, plan, entry, train_ids, val_ids = prepare_data(config, logger)
+    if resume and config.strides is None:  # written before networks were planned: the uniform network
+        config = dataclasses.replace(config, strides=((2, 2, 2),), kernel_sizes=((3, 3, 3),))
     # Every case, as for the spacing: the folds of one dataset then train the same network.
     config = plan_network(config, plan.target_spacing, median_shape(entry, train_ids + val_ids), logger)
     if rank == 0:

@@ -14,7 +14,7 @@ import pytest
 
 import train_liver3d
 from data.synthetic.msd_layout import write_msd_dataset
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint, save_checkpoint
 from models import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +151,19 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path, ca
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text()) == full
     losses = {r["epoch"]: r["loss"] for r in read_log(tmp_path / "cut")}
     assert losses[3] == read_log(tmp_path / "full")[3]["loss"]
+
+
+def test_a_checkpoint_from_before_planned_networks_resumes_with_its_uniform_network(tmp_path, cache_dir):
+    # The tiny phantom's ~16 mm pixels and 3 mm slices would plan z-only levels; the old network halved
+    # every axis, and its weights must load.
+    run(tmp_path / "run", cache_dir, "--epochs", "1")
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    for key in ("strides", "kernel_sizes", "memory_format"):
+        del state["config"][key]
+    save_checkpoint(state, tmp_path / "run" / "last.pt")
+    train_liver3d.main(["--resume", str(tmp_path / "run" / "last.pt"), "--epochs", "2"])
+    assert [r["epoch"] for r in read_log(tmp_path / "run")] == [0, 1]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["strides"] == ((2, 2, 2),) * 2
 
 
 def test_torchrun_two_cpu_processes_train_and_rank_zero_alone_writes(tmp_path, cache_dir):

@@ -43,6 +43,7 @@ from engine.checkpoint import load_checkpoint
 from engine.config import parse_bool
 from engine.evaluate import predict_volume
 from engine.inference import predict_probabilities
+from engine.layout import resolve_memory_format, resolve_norm
 from engine.metrics import dice_per_class
 from engine.postprocess import keep_largest_foreground
 from engine.recipe2d import num_outputs
@@ -177,16 +178,22 @@ def check_shared_settings(checkpoints: list[dict], paths: list[str], spatial_dim
                                  f"must share {', '.join(SHARED_SETTINGS[spatial_dims])}.")
 
 
-def build_segmentation_model(checkpoint: dict, path: str, spatial_dims: int, plan: PreprocessPlan) -> UNet:
-    """The U-Net with the constructor arguments its training script used, weights loaded."""
+def build_segmentation_model(checkpoint: dict, path: str, spatial_dims: int, plan: PreprocessPlan, *,
+                             device: torch.device) -> UNet:
+    """The U-Net with the constructor arguments its training script used, weights loaded, on
+    ``device`` in its memory format. The strides and kernel sizes its config recorded are rebuilt
+    (checkpoints written before they were recorded hold the uniform network: None); instance
+    normalisation takes the device's kernel (engine/layout.py), which loads the same weights."""
     config = checkpoint["config"]
     model = UNet(spatial_dims=spatial_dims, in_channels=len(plan.channel_schemes),
                  num_classes=segmentation_outputs(spatial_dims, plan),
                  base_channels=config["base_channels"], depth=config["depth"],
-                 max_channels=config["max_channels"], norm=config["norm"], upsample=config["upsample"],
-                 deep_supervision=config.get("deep_supervision", False))
+                 max_channels=config["max_channels"], norm=resolve_norm(config["norm"], device),
+                 upsample=config["upsample"], deep_supervision=config.get("deep_supervision", False),
+                 strides=config.get("strides"), kernel_sizes=config.get("kernel_sizes"))
     load_weights(model, checkpoint, path)
-    return model
+    memory_format = resolve_memory_format(config.get("memory_format", "auto"), device, spatial_dims)
+    return model.to(device, memory_format=memory_format)
 
 
 def segmentation_outputs(spatial_dims: int, plan: PreprocessPlan) -> int:
@@ -263,7 +270,7 @@ def predict_segmentations(checkpoints: list[dict], paths: list[str], task: str, 
         flips = trained_flips(checkpoint["config"], spatial_dims) if tta else ()
         if tta and not flips:
             tqdm.write(f"--tta: {path} was trained without flips, so it is not mirrored")
-        members.append((build_segmentation_model(checkpoint, path, spatial_dims, plan).to(device).eval(), flips))
+        members.append((build_segmentation_model(checkpoint, path, spatial_dims, plan, device=device).eval(), flips))
     outputs = segmentation_outputs(spatial_dims, plan)
     model = ProbabilityAverage(members, outputs)
 

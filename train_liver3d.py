@@ -1,13 +1,17 @@
 """Liver and liver-tumour segmentation with a 3D U-Net on CT (Medical Segmentation Decathlon layout).
 
     python train_liver3d.py                                   # synthetic liver CT phantom, CPU-sized
-    python train_liver3d.py --data-dir /data/Task03_Liver --patch 128 --amp --compile
+    python train_liver3d.py --data-dir /data/Task03_Liver --amp --compile   # patch and network planned
+    python train_liver3d.py --data-dir /data/Task27_ACDC --patch 16,256,224 --strides "1,2,2;1,2,2;2,2,2;2,2,2"
     python train_liver3d.py --resume runs/liver3d/last.pt     # continue an interrupted run
     python train_liver3d.py --config runs/liver3d/config.json --out runs/again   # rerun a config
 
-Any MSD task folder works (dataset.json gives the classes and input channels). The recipe, top to
-bottom: config -> data (preprocess once, cache) -> model -> loss -> optimizer -> resume -> compile ->
-epoch loop (train, validate, checkpoint) -> final validation -> metrics.json.
+Any MSD task folder works (dataset.json gives the classes and input channels). What is not given is
+planned from the preprocessed data (models/planning.py): the U-Net's per-axis strides and kernel sizes
+from the target spacing (thick slices are not downsampled at first), the patch and depth from the
+median shape within the memory of nnU-Net's 128^3 patch at batch 2. The recipe, top to bottom:
+config -> data (preprocess once, cache) -> network plan -> model -> loss -> optimizer -> resume ->
+compile -> epoch loop (train, validate, checkpoint) -> final validation -> metrics.json.
 """
 
 import dataclasses
@@ -29,9 +33,10 @@ from data.splits import PATIENT_PATTERN, count_patients, split_cases
 from data.synthetic.liver import ensure_liver_phantom
 from engine.benchmark import benchmark_training
 from engine.checkpoint import resume_training, save_checkpoint, training_state
-from engine.config import parse_config
+from engine.config import parse_config, save_config
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.evaluate import evaluate
+from engine.layout import resolve_memory_format, resolve_norm
 from engine.logging import RunLogger, foreground_slice_index, overlay_slice
 from engine.optim import build_optimizer
 from engine.postprocess import keep_largest_foreground
@@ -39,6 +44,7 @@ from engine.runtime import metric_key, start_run, surface_scores, worker_init
 from engine.train import train_one_epoch
 from losses import DeepSupervisionLoss, DiceCELoss
 from models import UNet
+from models.planning import plan_patch, resolve_topology
 
 
 @dataclass
@@ -56,14 +62,17 @@ class Config:
     synthetic_cases: int = 20  # phantom only: number of generated CT volumes
     synthetic_matrix: int = 128  # phantom only: in-plane voxels per slice (the size knob; tests use ~24)
     # sampling and augmentation
-    patch: tuple[int, ...] = (128, 128, 128)  # patch size: one int (a cube) or z,y,x
+    patch: tuple[int, ...] | None = None  # patch size z,y,x (one int: a cube); auto: the median preprocessed shape, shrunk until a step fits the memory of a 128^3 patch at batch 2 and 32 base channels, divisible by the downsampling
     fg_prob: float = 0.33  # share of patches centred on a voxel of a random foreground class (nnU-Net)
     augment: Augment3DConfig = field(default_factory=Augment3DConfig)  # edit in config.json, pass --config
     # model
     base_channels: int = 32  # feature channels at full resolution, doubled each level up to max_channels
-    depth: int = 5  # resolution levels of the U-Net (4 poolings for depth 5)
+    depth: int | None = None  # resolution levels of the U-Net, the bottleneck included; none: planned, downsampling while an axis keeps at least 4 voxels
     max_channels: int = 320  # cap on feature channels (nnU-Net's 320 for 3D)
-    norm: str = "instance"  # instance (small batches, nnU-Net) or batch
+    strides: tuple[tuple[int, ...], ...] | None = None  # per downsampling z,y,x strides, e.g. 1,2,2;2,2,2 (one entry: every level); auto: planned from the target spacing, an axis at least twice as coarse as the finest stays 1
+    kernel_sizes: tuple[tuple[int, ...], ...] | None = None  # per level z,y,x kernel sizes, e.g. 1,3,3;3,3,3;3,3,3 (one entry: every level); auto: planned, 1 across an axis while it is at least twice as coarse as the finest
+    norm: str = "instance"  # instance (nnU-Net; computed by nn.InstanceNorm3d on CUDA, nn.GroupNorm elsewhere: the faster there), instance_norm or group_norm (force one), or batch
+    memory_format: str = "auto"  # layout of activations: auto (contiguous on CUDA and MPS, channels_last on the CPU), channels_last or contiguous
     upsample: str = "transpose"  # transpose (nnU-Net) or interpolate (trilinear + conv)
     deep_supervision: bool = True  # extra losses on the coarser decoder outputs (nnU-Net)
     # optimisation
@@ -97,8 +106,12 @@ class Config:
 # Without --data-dir the recipe trains on the phantom in ~14 minutes on 2 CPU cores: smaller patches, a
 # narrower network, 800 steps instead of 250,000, AdamW (further than SGD in few steps), more patches on
 # the rare tumour, and the liver's post-processing (one connected organ) with mirroring at the end.
+# Its network halves every axis at every level: the planner agrees at the default 128 matrix (2.6-3.3 mm
+# pixels, 2.5-5 mm slices), but the small matrices of quick runs have ~16 mm pixels and would plan z-only
+# levels, and the phantom's figures should not depend on the matrix size.
 SYNTHETIC_PROFILE = dict(
-    patch=(32, 80, 80), base_channels=8, depth=4, epochs=32, steps_per_epoch=25, val_every=16,
+    patch=(32, 80, 80), base_channels=8, depth=4, strides=((2, 2, 2),), kernel_sizes=((3, 3, 3),),
+    epochs=32, steps_per_epoch=25, val_every=16,
     fg_prob=0.8, optimizer="adamw", lr=4e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=25,
     keep_largest=True, tta=True, workers=1)
 
@@ -128,6 +141,51 @@ def prepare_data(config: Config, logger: RunLogger):
                 f"{len(dataset.modality)} channel(s), classes {dataset.labels}, "
                 f"spacing {plan.target_spacing} mm, cache {entry}")
     return dataset, plan, entry, train_ids, val_ids
+
+
+def median_shape(entry: Path, case_ids: list[str]) -> tuple[float, ...]:
+    """Per-axis median (z, y, x) shape of the preprocessed cases (cropped and resampled), from their
+    ``<case>.json``."""
+    return tuple(float(size) for size in np.median(
+        [load_preprocessed_case(entry, case_id).properties["shape"] for case_id in case_ids], axis=0))
+
+
+def plan_network(config: Config, spacing: tuple[float, ...], shape: tuple[float, ...], logger: RunLogger) -> Config:
+    """The config with the U-Net's geometry resolved: what it gives explicitly stays, the rest is
+    planned (models/planning.py) from the target ``spacing`` and the median preprocessed ``shape``.
+    A first level that leaves z alone (thick slices) also restricts rotations to the slice plane, as
+    nnU-Net does: rotating out of plane would smear the few slices into each other. The resolved
+    patch, depth, strides and kernel sizes go into config.json and every checkpoint, so a resumed
+    run and predict.py build the same network."""
+    fixed = dict(depth=config.depth, strides=config.strides, kernel_sizes=config.kernel_sizes)
+    try:
+        if config.patch is None:
+            patch, topology = plan_patch(spacing, shape, batch_size=config.batch_size,
+                                         base_channels=config.base_channels, max_channels=config.max_channels, **fixed)
+        else:
+            patch = tuple(config.patch) * 3 if len(config.patch) == 1 else tuple(config.patch)
+            topology = resolve_topology(spacing, patch, **fixed)
+    except ValueError as error:
+        raise SystemExit(f"network plan: {error}. Fix --patch, --depth, --strides or --kernel-sizes.") from None
+    augment = config.augment
+    if topology.strides[0][0] == 1:
+        augment = dataclasses.replace(augment, rotation_in_plane_only=True)
+
+    def origin(value) -> str:
+        return "given" if value is not None else "planned"
+
+    logger.info(f"network: patch {patch} ({origin(config.patch)}; median shape {tuple(round(s) for s in shape)}), "
+                f"depth {topology.depth} ({origin(config.depth)}), strides {format_levels(topology.strides)} "
+                f"({origin(config.strides)}), kernel sizes {format_levels(topology.kernel_sizes)} "
+                f"({origin(config.kernel_sizes)}) for spacing {tuple(round(s, 3) for s in spacing)} mm"
+                + (", rotation in plane only" if augment.rotation_in_plane_only else ""))
+    return dataclasses.replace(config, patch=patch, depth=topology.depth, strides=topology.strides,
+                               kernel_sizes=topology.kernel_sizes, augment=augment)
+
+
+def format_levels(levels: tuple[tuple[int, ...], ...]) -> str:
+    """((1, 2, 2), (2, 2, 2)) -> "1,2,2;2,2,2", as the flags take them."""
+    return ";".join(",".join(str(value) for value in level) for level in levels)
 
 
 def validate(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], spacing: tuple[float, ...],
@@ -184,6 +242,12 @@ def main(argv: list[str]) -> dict:
     # workers, so every patch is reproducible whatever the number of workers or a resume.
     with main_process_first():  # under torchrun rank 0 fills the cache, the others then read it
         dataset, plan, entry, train_ids, val_ids = prepare_data(config, logger)
+    if resume and config.strides is None:  # written before networks were planned: the uniform network
+        config = dataclasses.replace(config, strides=((2, 2, 2),), kernel_sizes=((3, 3, 3),))
+    # Every case, as for the spacing: the folds of one dataset then train the same network.
+    config = plan_network(config, plan.target_spacing, median_shape(entry, train_ids + val_ids), logger)
+    if rank == 0:
+        save_config(config, out / "config.json")
     train_data = PatchDataset(entry, train_ids, config.patch, config.steps_per_epoch * config.batch_size,
                               config.fg_prob, config.augment, config.seed)
     sampler = EpochSampler(len(train_data), num_replicas=world_size, rank=rank)
@@ -193,11 +257,12 @@ def main(argv: list[str]) -> dict:
         worker_init_fn=worker_init, prefetch_factor=4 if config.workers > 0 else None)
 
     # Model, loss, optimizer.
+    norm, memory_format = resolve_norm(config.norm, device), resolve_memory_format(config.memory_format, device, 3)
+    logger.info(f"norm {norm}, memory format {memory_format}")
     model = UNet(spatial_dims=3, in_channels=len(dataset.modality), num_classes=len(dataset.labels),
                  base_channels=config.base_channels, depth=config.depth, max_channels=config.max_channels,
-                 norm=config.norm, upsample=config.upsample, deep_supervision=config.deep_supervision)
-    # Channels-last 3D: cuDNN's fast fp16 kernels and oneDNN's CPU kernels (~2x here) both prefer it.
-    memory_format = torch.contiguous_format if device.type == "mps" else torch.channels_last_3d
+                 norm=norm, upsample=config.upsample, deep_supervision=config.deep_supervision,
+                 strides=config.strides, kernel_sizes=config.kernel_sizes)
     model = model.to(device, memory_format=memory_format)
     loss_fn = DiceCELoss(include_background=False, batch_dice=True)  # nnU-Net: CE + batch Dice
     if config.deep_supervision:

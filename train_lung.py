@@ -52,7 +52,8 @@ class Config:
     base_channels: int = 32  # feature channels at full resolution, doubled each level up to max_channels
     depth: int = 6  # resolution levels of the U-Net (5 poolings: 256 -> 8 pixels at the bottleneck)
     max_channels: int = 512  # cap on feature channels (nnU-Net's 512 for 2D)
-    norm: str = "instance"  # instance (nnU-Net) or batch
+    norm: str = "instance"  # instance (nnU-Net; computed by nn.InstanceNorm2d on CUDA, nn.GroupNorm elsewhere: the faster there), instance_norm or group_norm (force one), or batch
+    memory_format: str = "auto"  # layout of activations: auto (contiguous on CUDA and MPS, channels_last on the CPU), channels_last or contiguous
     upsample: str = "transpose"  # transpose (nnU-Net) or interpolate (bilinear + conv)
     loss: str = "bce"  # bce (binary cross-entropy), dice (batch soft Dice) or bce_dice
     # optimisation

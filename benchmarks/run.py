@@ -108,7 +108,7 @@ def measure_2d(volume, repeats: int, count: int, notes: list[str]) -> dict:
 
 
 def _small_unet() -> torch.nn.Module:
-    return UNet(spatial_dims=3, in_channels=1, num_classes=3, base_channels=4, depth=4, norm="instance").eval()
+    return UNet(spatial_dims=3, in_channels=1, num_classes=3, base_channels=4, depth=4, norm="group_norm").eval()
 
 
 def measure_sliding_window(volume, roi: int, repeats: int, notes: list[str]) -> dict:
@@ -202,7 +202,7 @@ def measure_engine_step(size: int, steps: int, repeats: int) -> dict:
     measured apart: the same two loops around a one-layer model, where nothing but that cost remains
     (many short steps), divided by the U-Net's step time."""
     torch.manual_seed(0)
-    model = UNet(spatial_dims=3, in_channels=1, num_classes=3, base_channels=8, depth=4, norm="instance",
+    model = UNet(spatial_dims=3, in_channels=1, num_classes=3, base_channels=8, depth=4, norm="group_norm",
                  upsample="transpose", deep_supervision=True)
     loss_fn = DeepSupervisionLoss(DiceCELoss(include_background=False, batch_dice=True))
     seconds = _time_training_loops(model, loss_fn, _random_batches(steps, size), repeats)

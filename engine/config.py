@@ -38,12 +38,21 @@ def _parse_ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
 
+def _parse_optional_ints(text: str) -> tuple[int, ...] | None:
+    return None if text.lower() in ("none", "auto") else _parse_ints(text)
+
+
+def _parse_optional_int_tuples(text: str) -> tuple[tuple[int, ...], ...] | None:
+    """``1,2,2;2,2,2`` -> ((1, 2, 2), (2, 2, 2)): one tuple per level, axes separated by commas."""
+    return None if text.lower() in ("none", "auto") else tuple(_parse_ints(part) for part in text.split(";"))
+
+
 def _parse_optional_str(text: str) -> str | None:
     return None if text.lower() == "none" else text
 
 
 def _parse_optional_int(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
+    return None if text.lower() in ("none", "auto") else int(text)
 
 
 def _parse_optional_float(text: str) -> float | None:
@@ -67,6 +76,8 @@ _PARSERS = {
     float | None: (_parse_optional_float, "FLOAT|none"),
     str | None: (_parse_optional_str, "TEXT|none"),
     tuple[int, ...]: (_parse_ints, "N[,N,N]"),
+    tuple[int, ...] | None: (_parse_optional_ints, "N[,N,N]|auto"),
+    tuple[tuple[int, ...], ...] | None: (_parse_optional_int_tuples, "Z,Y,X[;Z,Y,X...]|auto"),
     tuple[float, ...] | None: (_parse_optional_floats, "Z,Y,X|auto"),
 }
 
@@ -116,9 +127,14 @@ def config_from_dict(config_class: type, values: dict):
         if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
             value = config_from_dict(hints[key], value)
         elif isinstance(value, list):
-            value = tuple(value)
+            value = _to_tuples(value)
         converted[key] = value
     return config_class(**converted)
+
+
+def _to_tuples(value):
+    """JSON lists back to tuples, nested ones too (per-level strides)."""
+    return tuple(_to_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def parse_config(config_class: type, argv: list[str], description: str, synthetic_profile: dict):
@@ -126,7 +142,7 @@ def parse_config(config_class: type, argv: list[str], description: str, syntheti
 
     Precedence, lowest first: the dataclass defaults; ``synthetic_profile`` when no ``--data-dir`` is
     given; a saved ``--config`` file, or the config inside the ``--resume`` checkpoint; the flags given
-    explicitly. A single number for a tuple field whose default has several (``--patch 128``) is
+    explicitly. A single number for a tuple field whose default has several (``--image-size 256``) is
     repeated to that length.
     """
     parser = build_parser(config_class, description)

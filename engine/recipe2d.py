@@ -24,6 +24,7 @@ from data.splits import count_patients, split_cases
 from engine.benchmark import benchmark_training
 from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
+from engine.layout import resolve_memory_format, resolve_norm
 from engine.logging import RunLogger
 from engine.optim import build_optimizer
 from engine.runtime import metric_key, start_run, surface_scores, worker_init
@@ -194,10 +195,10 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
 
     # Model, loss, optimizer: one sigmoid logit for the one foreground class.
     outputs = num_outputs(dataset.labels)
+    norm, memory_format = resolve_norm(config.norm, device), resolve_memory_format(config.memory_format, device, 2)
     model = UNet(spatial_dims=2, in_channels=len(dataset.modality), num_classes=outputs,
                  base_channels=config.base_channels, depth=config.depth, max_channels=config.max_channels,
-                 norm=config.norm, upsample=config.upsample)
-    memory_format = torch.contiguous_format if device.type == "mps" else torch.channels_last
+                 norm=norm, upsample=config.upsample)
     model = model.to(device, memory_format=memory_format)
     loss_fn = build_loss(config.loss, outputs)
     optimizer, scheduler = build_optimizer(model.parameters(), config.optimizer, config.lr, config.momentum, config.weight_decay,

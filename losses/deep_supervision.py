@@ -1,5 +1,7 @@
 """Deep supervision: one loss on each output of a U-Net decoder, weighted and summed."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,15 +21,29 @@ def deep_supervision_weights(num_outputs: int) -> list[float]:
 
 
 def downsample_target(target: torch.Tensor, size: torch.Size) -> torch.Tensor:
-    """Nearest-neighbour resize of integer labels (B, *spatial) to (B, *size), never mixing classes.
+    """Integer labels (B, *spatial) at the voxels of a lower U-Net output (B, K, *size), never mixing classes.
 
-    When each size is the target's divided by a power of two (patch sizes divisible by
-    2^(depth - 1)), this picks every 2^k-th voxel, the centres of the stride-2 convolutions.
+    An axis that a level's strides reduce by f in total (their product: 2^k when halved k times, 1
+    when never downsampled, as z of thick slices) has ceil(n / f) voxels there, the i-th centred on
+    input voxel f * i (odd kernels padded by kernel // 2). f is the power of two that gives that size,
+    so the labels are read at every f-th voxel, at odd sizes too. A size no power of two explains
+    falls back to nearest-neighbour resizing.
     """
     if tuple(target.shape[1:]) == tuple(size):
         return target
+    factors = [stride_factor(full, reduced) for full, reduced in zip(target.shape[1:], size)]
+    if None not in factors:
+        return target[(slice(None), *(slice(None, None, factor) for factor in factors))].contiguous()
     resized = F.interpolate(target.unsqueeze(1).float(), size=tuple(size), mode="nearest")
     return resized.squeeze(1).to(target.dtype)
+
+
+def stride_factor(full: int, reduced: int) -> int | None:
+    """The power of two f with ceil(full / f) == reduced, or None."""
+    factor = 1
+    while math.ceil(full / factor) > reduced:
+        factor *= 2
+    return factor if math.ceil(full / factor) == reduced else None
 
 
 class DeepSupervisionLoss(nn.Module):

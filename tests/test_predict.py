@@ -3,6 +3,7 @@ class volumes, probability averaging of several checkpoints, chest X-ray probabi
 and the errors a user meets."""
 
 import csv
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -15,7 +16,7 @@ import train_atrium
 import train_liver3d
 import train_lung
 import train_pneumonia
-from data.synthetic.msd_layout import write_nifti
+from data.synthetic.msd_layout import write_msd_dataset, write_nifti
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from models import UNet
 
@@ -285,3 +286,49 @@ def test_labels_score_each_case_on_the_source_grid(liver_checkpoint, cache_dir, 
     with pytest.raises(SystemExit, match="not the reference mask of case ct_3_0000"):
         predict.main(["--checkpoint", str(liver), "--input", str(scan), "--output", str(tmp_path / "out2"),
                       "--labels", str(tmp_path / "wrong")])
+
+
+def test_a_thick_slice_run_plans_its_network_and_predict_rebuilds_it(tmp_path):
+    rng = np.random.default_rng(0)
+    cases = []
+    for i in range(3):
+        label = np.zeros((20, 18, 5), np.uint8)  # (i, j, k) = (x, y, z): 5 slices of 6 mm, 1.5 mm pixels
+        label[5:14, 4:12, 1:4] = 1
+        image = rng.normal(0, 1, label.shape).astype(np.float32) + 3 * label
+        cases.append((f"heart_{i}", image, label, np.diag([-1.5, -1.5, 6.0, 1.0])))
+    root = write_msd_dataset(tmp_path / "Task27", "Thick", "thick slices", {0: "MRI"},
+                             {0: "background", 1: "ventricle"}, cases)
+    train_liver3d.main(["--data-dir", str(root), "--cache-dir", str(tmp_path / "cache"), "--out",
+                        str(tmp_path / "run"), "--base-channels", "4", "--epochs", "1", "--steps-per-epoch", "1",
+                        "--workers", "0", "--val-fraction", "0.34"])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    # 18 -> 9 -> 5 and 20 -> 10 -> 5 in plane (1.5 -> 3 -> 6 mm); the 5 slices of 6 mm stay.
+    assert config["patch"] == [5, 20, 20] and config["depth"] == 3
+    assert config["strides"] == [[1, 2, 2], [1, 2, 2]]
+    assert config["kernel_sizes"] == [[1, 3, 3], [1, 3, 3], [3, 3, 3]]
+    assert config["augment"]["rotation_in_plane_only"] is True
+    checkpoint = tmp_path / "run" / "best.pt"
+    assert json.loads(json.dumps(load_checkpoint(checkpoint)["config"])) == config
+
+    affine = oblique_affine((1.5, -1.5, 6.0), (5, -3), (20.0, -10.0, 40.0))
+    scan = tmp_path / "in" / "heart_9.nii.gz"
+    scan.parent.mkdir()
+    write_nifti(cases[0][1][1:, :17], affine, scan)
+    predict.main(["--checkpoint", str(checkpoint), "--input", str(scan), "--output", str(tmp_path / "out")])
+    mask = assert_same_geometry(tmp_path / "out" / "heart_9.nii.gz", scan)
+    assert set(np.unique(mask)) <= {0, 1}
+
+
+def test_a_checkpoint_from_before_planned_networks_builds_the_uniform_network(liver_checkpoint, cache_dir,
+                                                                                tmp_path):
+    state = load_checkpoint(liver_checkpoint)
+    for key in ("strides", "kernel_sizes", "memory_format"):
+        del state["config"][key]
+    save_checkpoint(state, tmp_path / "old.pt")
+    model = predict.build_segmentation_model(state, "old.pt", 3, predict.PreprocessPlan.from_dict(state["plan"]),
+                                             device=torch.device("cpu"))
+    assert model.strides == ((2, 2, 2),) * (state["config"]["depth"] - 1)
+    affine = oblique_affine((-15.5, -18.0, 2.7), (6, 4), (190.0, 180.0, -300.0))
+    scan = oblique_scan(cache_dir, "LiverPhantom", np.s_[:23, 1:22, 3:36], affine, tmp_path / "in" / "ct_5.nii.gz")
+    predict.main(["--checkpoint", str(tmp_path / "old.pt"), "--input", str(scan), "--output", str(tmp_path / "out")])
+    assert_same_geometry(tmp_path / "out" / "ct_5.nii.gz", scan)

@@ -14,7 +14,7 @@ import pytest
 
 import train_liver3d
 from data.synthetic.msd_layout import write_msd_dataset
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint, save_checkpoint
 from models import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +154,19 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path, ca
     assert losses[3] == read_log(tmp_path / "full")[3]["loss"]
 
 
+def test_a_checkpoint_from_before_planned_networks_resumes_with_its_uniform_network(tmp_path, cache_dir):
+    # The tiny phantom's ~16 mm pixels and 3 mm slices would plan z-only levels; the old network halved
+    # every axis, and its weights must load.
+    run(tmp_path / "run", cache_dir, "--epochs", "1")
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    for key in ("strides", "kernel_sizes", "memory_format"):
+        del state["config"][key]
+    save_checkpoint(state, tmp_path / "run" / "last.pt")
+    train_liver3d.main(["--resume", str(tmp_path / "run" / "last.pt"), "--epochs", "2"])
+    assert [r["epoch"] for r in read_log(tmp_path / "run")] == [0, 1]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["strides"] == ((2, 2, 2),) * 2
+
+
 def test_torchrun_two_cpu_processes_train_and_rank_zero_alone_writes(tmp_path, cache_dir):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -169,8 +182,53 @@ def test_torchrun_two_cpu_processes_train_and_rank_zero_alone_writes(tmp_path, c
     assert not any(key.startswith("module.") for key in checkpoint["model"])  # the plain model, no DDP wrapper
     config = checkpoint["config"]
     model = UNet(spatial_dims=3, in_channels=1, num_classes=3, base_channels=config["base_channels"],
-                 depth=config["depth"], max_channels=config["max_channels"], norm=config["norm"],
-                 upsample=config["upsample"], deep_supervision=config["deep_supervision"])
+                 depth=config["depth"], max_channels=config["max_channels"], norm="group_norm",
+                 upsample=config["upsample"], deep_supervision=config["deep_supervision"],
+                 strides=config["strides"], kernel_sizes=config["kernel_sizes"])
     model.load_state_dict(checkpoint["model"])  # strict: every key of a plain UNet, none of DDP's
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["dice_liver"] <= 1 and (out / "best.pt").is_file()
+
+
+class Silent:
+    def info(self, message):
+        pass
+
+
+def test_the_phantoms_pinned_network_is_what_the_planner_gives_at_the_default_matrix():
+    from data.synthetic.liver import SLICE_THICKNESSES_MM
+    from models.planning import plan_topology
+
+    profile = train_liver3d.SYNTHETIC_PROFILE
+    # Extremes of the default phantom's median spacing: 330-420 mm fields of view on 128 pixels.
+    for thickness in SLICE_THICKNESSES_MM:
+        for pixel in (330 / 128, 420 / 128):
+            topology = plan_topology((thickness, pixel, pixel), profile["patch"], depth=profile["depth"])
+            assert set(topology.strides) == set(profile["strides"])
+            assert set(topology.kernel_sizes) == set(profile["kernel_sizes"])
+
+
+def plan(spacing, shape, **fields):
+    config = train_liver3d.Config(**fields)
+    return train_liver3d.plan_network(config, spacing, shape, Silent())
+
+
+def test_unset_geometry_is_planned_and_thick_slices_rotate_in_plane_only():
+    config = plan((10.0, 1.5625, 1.5625), (9.5, 241.0, 211.0))
+    assert config.patch == (10, 256, 224) and config.depth == 7
+    assert config.strides[:3] == ((1, 2, 2), (1, 2, 2), (2, 2, 2))
+    assert config.kernel_sizes[:3] == ((1, 3, 3), (1, 3, 3), (3, 3, 3))
+    assert config.augment.rotation_in_plane_only
+    isotropic = plan((1.0, 1.0, 1.0), (300.0, 300.0, 300.0))
+    assert isotropic.patch == (128, 128, 128) and isotropic.depth == 6
+    assert isotropic.strides == ((2, 2, 2),) * 5 and not isotropic.augment.rotation_in_plane_only
+
+
+def test_explicit_geometry_wins_over_the_plan():
+    config = plan((10.0, 1.5, 1.5), (10.0, 240.0, 210.0), patch=(96,), strides=((2, 2, 2),), depth=3)
+    assert config.patch == (96, 96, 96) and config.strides == ((2, 2, 2),) * 2 and config.depth == 3
+    assert config.kernel_sizes == ((1, 3, 3), (1, 3, 3), (3, 3, 3))  # still planned from the spacing
+    assert not config.augment.rotation_in_plane_only  # z is halved from the first level
+    assert plan((1.0, 1.0, 1.0), (64.0, 64.0, 64.0), kernel_sizes=((1, 3, 3), (3, 3, 3))).depth == 2
+    with pytest.raises(SystemExit, match="2 strides make 3 levels, not 4.*--depth"):
+        plan((1.0, 1.0, 1.0), (64.0, 64.0, 64.0), strides=((2, 2, 2), (2, 2, 2)), depth=4)

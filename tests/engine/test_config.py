@@ -57,6 +57,24 @@ def test_optional_float_fields_parse_none_and_numbers():
     assert vars(parser.parse_args(["--share", "0.25"])) == {"share": 0.25}
 
 
+def test_per_level_tuples_parse_from_semicolons_and_come_back_from_json():
+    @dataclasses.dataclass
+    class Network:
+        strides: tuple[tuple[int, ...], ...] | None = None  # per level z,y,x; auto = planned
+        patch: tuple[int, ...] | None = None  # patch z,y,x; auto = planned
+        depth: int | None = None  # levels; none = planned
+
+    parser = build_parser(Network, "test")
+    assert vars(parser.parse_args(["--strides", "1,2,2;2,2,2", "--patch", "16,32,32", "--depth", "3"])) == {
+        "strides": ((1, 2, 2), (2, 2, 2)), "patch": (16, 32, 32), "depth": 3}
+    assert vars(parser.parse_args(["--strides", "2,2,2"])) == {"strides": ((2, 2, 2),)}
+    assert vars(parser.parse_args(["--strides", "auto", "--patch", "auto", "--depth", "auto"])) == {
+        "strides": None, "patch": None, "depth": None}
+    assert "Z,Y,X[;Z,Y,X...]|auto" in parser.format_help()
+    restored = config_from_dict(Network, {"strides": [[1, 2, 2], [2, 2, 2]], "patch": [16, 32, 32]})
+    assert restored.strides == ((1, 2, 2), (2, 2, 2)) and restored.patch == (16, 32, 32)
+
+
 def test_parse_config_precedence_and_single_values_for_tuples(tmp_path):
     from engine.config import parse_config, save_config
 

@@ -247,7 +247,7 @@ def main(argv: list[str]) -> dict:
 
     start_epoch, best_auc = 0, -1.0
     if resume:  # every state that shapes the following steps: weights, optimizer, schedule, scaler, RNGs
-        start_epoch, best_auc = resume_training(resume, model, optimizer, scheduler, scaler, device)
+        start_epoch, best_auc = resume_training(resume, model, optimizer, scheduler, scaler)
         logger.info(f"resumed from {resume} at epoch {start_epoch + 1}")
 
     train_model = model  # the plain model is what we save: its state_dict loads anywhere

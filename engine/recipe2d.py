@@ -198,7 +198,7 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
 
     start_epoch, best_dice = 0, -1.0
     if resume:  # every state that shapes the following steps: weights, optimizer, schedule, scaler, RNGs
-        start_epoch, best_dice = resume_training(resume, model, optimizer, scheduler, scaler, device)
+        start_epoch, best_dice = resume_training(resume, model, optimizer, scheduler, scaler)
         logger.info(f"resumed from {resume} at epoch {start_epoch + 1}")
 
     train_model = model  # the plain model is what we save: its state_dict loads anywhere

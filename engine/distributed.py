@@ -57,6 +57,18 @@ def is_main_process() -> bool:
     return rank_and_world_size()[0] == 0
 
 
+def true_on_every_rank(flag: torch.Tensor) -> bool:
+    """Whether the boolean scalar ``flag`` holds on every process: one all-reduce (MIN) under
+    torchrun, the flag itself otherwise. A decision that changes which collectives follow (skip a
+    step, stop the run) must be taken this way, or the ranks' gradient all-reduces pair different
+    steps and NCCL hangs until the timeout."""
+    if rank_and_world_size()[1] == 1:
+        return bool(flag)
+    flag = flag.to(torch.int32)  # NCCL and gloo reduce integers, not bools
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
 def barrier() -> None:
     if rank_and_world_size()[1] > 1:
         dist.barrier()

@@ -56,6 +56,7 @@ class Config:
     # sampling and augmentation
     patch: tuple[int, ...] = (128, 128, 128)  # patch size: one int (a cube) or z,y,x
     fg_prob: float = 0.33  # share of patches centred on a voxel of a random foreground class (nnU-Net)
+    fg_sampling: str = "per_sample"  # per_sample (each patch draws at fg_prob) or per_batch (round(batch_size x fg_prob) of every batch, nnU-Net)
     augment: Augment3DConfig = field(default_factory=Augment3DConfig)  # edit in config.json, pass --config
     # model
     base_channels: int = 32  # feature channels at full resolution, doubled each level up to max_channels
@@ -74,7 +75,7 @@ class Config:
     grad_clip: float = 12.0  # max gradient norm (nnU-Net); 0 disables
     batch_size: int = 2  # patches per step (per process)
     epochs: int = 1000  # total epochs (a resumed run continues up to this number)
-    steps_per_epoch: int = 250  # iterations per epoch (nnU-Net: 250); under torchrun the processes share them
+    steps_per_epoch: int = 250  # iterations per epoch (nnU-Net: 250); under torchrun each process takes ceil(steps / processes)
     # validation
     val_every: int = 50  # validate every N epochs; always after the last epoch
     overlap: float = 0.5  # sliding-window overlap between neighbouring windows (fraction of the patch)
@@ -169,6 +170,8 @@ def write_metrics(validation: dict, labels: dict[int, str], out: Path) -> None:
 
 def main(argv: list[str]) -> dict:
     config, resume = parse_config(Config, argv, __doc__, SYNTHETIC_PROFILE)
+    if config.fg_sampling not in ("per_sample", "per_batch"):
+        raise SystemExit(f"--fg-sampling {config.fg_sampling}: choose per_sample or per_batch")
     out, device, amp_dtype, logger = start_run(config, resume)
     rank, world_size = rank_and_world_size()  # (0, 1) unless launched by torchrun
 
@@ -178,7 +181,10 @@ def main(argv: list[str]) -> dict:
         dataset, plan, entry, train_ids, val_ids = prepare_data(config, logger)
     train_data = PatchDataset(entry, train_ids, config.patch, config.steps_per_epoch * config.batch_size,
                               config.fg_prob, config.augment, config.seed)
-    sampler = EpochSampler(len(train_data), num_replicas=world_size, rank=rank)
+    foreground_per_batch = round(config.batch_size * config.fg_prob) if config.fg_sampling == "per_batch" else None
+    # Whole batches: every rank takes ceil(steps_per_epoch / world_size) full ones, so all ranks step together.
+    sampler = EpochSampler(config.steps_per_epoch, config.batch_size, foreground_per_batch=foreground_per_batch,
+                           num_replicas=world_size, rank=rank)
     loader = torch.utils.data.DataLoader(
         train_data, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
         pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import train_liver3d
 from data.synthetic.msd_layout import write_msd_dataset
@@ -154,18 +155,24 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path, ca
     assert losses[3] == read_log(tmp_path / "full")[3]["loss"]
 
 
-def test_torchrun_two_cpu_processes_train_and_rank_zero_alone_writes(tmp_path, cache_dir):
+@pytest.mark.slow
+def test_torchrun_three_cpu_processes_step_together_and_rank_zero_alone_writes(tmp_path, cache_dir):
+    # 4 batches an epoch over 3 processes: each takes 2 whole batches, so all step and stay in lockstep.
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "train_liver3d.py", *TINY, "--device", "cpu", "--epochs", "2", "--cache-dir", str(cache_dir),
-               "--out", str(out)]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+               __file__, *TINY, "--device", "cpu", "--epochs", "2", "--cache-dir", str(cache_dir), "--out", str(out)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK_WEIGHTS_DIR": str(tmp_path)}
     finished = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600,
                               check=False)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert [r["epoch"] for r in read_log(out)] == [0, 1]  # one process logged
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [0, 1] and all(r["steps"] == 2 for r in log)  # one process logged
     assert finished.stdout.count("epoch 2/2: loss") == 1
+    for epoch in range(2):  # every rank ends every epoch with the same weights
+        weights = [torch.load(tmp_path / f"rank{rank}_epoch{epoch}.pt") for rank in range(3)]
+        assert all(torch.equal(weights[0][name], other[name]) for other in weights[1:] for name in weights[0])
     checkpoint = load_checkpoint(out / "last.pt")
+    assert all(torch.equal(value, weights[0]["module." + name]) for name, value in checkpoint["model"].items())
     assert not any(key.startswith("module.") for key in checkpoint["model"])  # the plain model, no DDP wrapper
     config = checkpoint["config"]
     model = UNet(spatial_dims=3, in_channels=1, num_classes=3, base_channels=config["base_channels"],
@@ -174,3 +181,23 @@ def test_torchrun_two_cpu_processes_train_and_rank_zero_alone_writes(tmp_path, c
     model.load_state_dict(checkpoint["model"])  # strict: every key of a plain UNet, none of DDP's
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["dice_liver"] <= 1 and (out / "best.pt").is_file()
+
+
+def train_keeping_each_rank_weights(argv: list[str]) -> None:
+    """A torchrun process of the test above: the recipe, with this rank's weights written to
+    RANK_WEIGHTS_DIR after every epoch."""
+    train_one_epoch, epochs = train_liver3d.train_one_epoch, []
+
+    def train_and_keep_weights(model, *args, **kwargs):
+        stats = train_one_epoch(model, *args, **kwargs)
+        path = Path(os.environ["RANK_WEIGHTS_DIR"]) / f"rank{os.environ['RANK']}_epoch{len(epochs)}.pt"
+        torch.save(model.state_dict(), path)
+        epochs.append(stats)
+        return stats
+
+    train_liver3d.train_one_epoch = train_and_keep_weights
+    train_liver3d.main(argv)
+
+
+if __name__ == "__main__":
+    train_keeping_each_rank_weights(sys.argv[1:])

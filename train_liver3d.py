@@ -210,12 +210,13 @@ def main(argv: list[str]) -> dict:
         start_epoch, best_dice = resume_training(resume, model, optimizer, scheduler, scaler)
         logger.info(f"resumed from {resume} at epoch {start_epoch + 1}")
 
-    train_model = model  # the plain model is what we save: its state_dict loads anywhere
+    train_model = model  # wrapped below; the plain model is what we save (its state_dict loads anywhere)
     if world_size > 1:  # torchrun: gradients are averaged over the processes at every step
         train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # Compile what trains, and only that: validation runs the plain `model` (the same weights, outside
+    # DDP), where a compiled one would trace new graphs for no-grad, eval mode and the last small batch.
     if config.compile:
         train_model = torch.compile(train_model)
-    eval_model = train_model if world_size == 1 else model  # rank 0 validates alone, outside DDP
     if config.benchmark:  # throughput only: no validation, no checkpoints
         return benchmark_training(train_model, loader, sampler, loss_fn, optimizer, steps=config.benchmark,
                                   scheduler=scheduler, scaler=scaler, device=device, amp_dtype=amp_dtype,
@@ -240,7 +241,7 @@ def main(argv: list[str]) -> dict:
         record = {"epoch": epoch, **stats, "epoch_time_s": time.perf_counter() - started}
         last_epoch = epoch == config.epochs - 1
         if rank == 0 and ((epoch + 1) % config.val_every == 0 or last_epoch):  # one process validates every case
-            validation = validate(eval_model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
+            validation = validate(model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
                                   config=config, device=device, amp_dtype=amp_dtype, logger=logger, epoch=epoch,
                                   save_dir=out / "predictions" if last_epoch else None)
             record.update(validation["scores"])
@@ -255,7 +256,7 @@ def main(argv: list[str]) -> dict:
         cleanup_distributed()
         return {}
     if validation is None:  # resumed after the last epoch: nothing left to train, validate once
-        validation = validate(eval_model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
+        validation = validate(model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
                               config=config, device=device, amp_dtype=amp_dtype, logger=logger,
                               epoch=config.epochs - 1, save_dir=out / "predictions")
     write_metrics(validation, dataset.labels, out)

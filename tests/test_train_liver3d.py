@@ -1,6 +1,7 @@
 """End-to-end runs of the 3D recipe on tiny synthetic data: it learns, resumes exactly, repeats
 exactly, and trains on another task layout unchanged."""
 
+import functools
 import json
 import os
 import signal
@@ -153,6 +154,31 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path, ca
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text()) == full
     losses = {r["epoch"]: r["loss"] for r in read_log(tmp_path / "cut")}
     assert losses[3] == read_log(tmp_path / "full")[3]["loss"]
+
+
+@pytest.mark.slow
+def test_compiled_training_traces_no_graph_after_its_first_epoch(tmp_path, cache_dir, monkeypatch):
+    # Validation (no grad, eval mode, the last window batch of 1, mirrored windows) runs the plain
+    # model; a compiled one would trace new graphs for each of these. A counting backend runs the
+    # graphs eagerly, so the test pays for tracing only.
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()  # no graph cached by an earlier test
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
+    after_each = {}
+    for name in ("train_one_epoch", "validate"):
+        def counted(*args, original=getattr(train_liver3d, name), name=name, **kwargs):
+            result = original(*args, **kwargs)
+            after_each.setdefault(name, []).append(len(graphs))
+            return result
+        monkeypatch.setattr(train_liver3d, name, counted)
+    run(tmp_path / "run", cache_dir, "--compile", "--epochs", "2", "--steps-per-epoch", "2")
+    assert after_each["train_one_epoch"][0] > 0
+    assert after_each == {"train_one_epoch": [len(graphs)] * 2, "validate": [len(graphs)] * 2}
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """End-to-end runs of the 3D recipe on tiny synthetic data: it learns, resumes exactly, repeats
 exactly, and trains on another task layout unchanged."""
 
-import functools
 import json
 import os
 import signal
@@ -156,29 +155,14 @@ def test_a_run_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path, ca
     assert losses[3] == read_log(tmp_path / "full")[3]["loss"]
 
 
-@pytest.mark.slow
-def test_compiled_training_traces_no_graph_after_its_first_epoch(tmp_path, cache_dir, monkeypatch):
+@pytest.mark.slow  # traces the model
+def test_compiled_training_traces_no_graph_after_its_first_epoch(tmp_path, cache_dir, count_compiled_graphs):
     # Validation (no grad, eval mode, the last window batch of 1, mirrored windows) runs the plain
-    # model; a compiled one would trace new graphs for each of these. A counting backend runs the
-    # graphs eagerly, so the test pays for tracing only.
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    torch._dynamo.reset()  # no graph cached by an earlier test
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
-    after_each = {}
-    for name in ("train_one_epoch", "validate"):
-        def counted(*args, original=getattr(train_liver3d, name), name=name, **kwargs):
-            result = original(*args, **kwargs)
-            after_each.setdefault(name, []).append(len(graphs))
-            return result
-        monkeypatch.setattr(train_liver3d, name, counted)
+    # model; through the compiled one it traced a graph for each change.
+    counts = count_compiled_graphs(train_liver3d, "train_one_epoch", "validate")
     run(tmp_path / "run", cache_dir, "--compile", "--epochs", "2", "--steps-per-epoch", "2")
-    assert after_each["train_one_epoch"][0] > 0
-    assert after_each == {"train_one_epoch": [len(graphs)] * 2, "validate": [len(graphs)] * 2}
+    traced = counts["train_one_epoch"][0]
+    assert traced > 0 and counts == {"train_one_epoch": [traced] * 2, "validate": [traced] * 2}
 
 
 @pytest.mark.slow

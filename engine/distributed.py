@@ -5,9 +5,11 @@
 
 torchrun starts one process per GPU and sets RANK, LOCAL_RANK and WORLD_SIZE; without it the
 recipes run as one process and nothing here does anything. Each process draws its own share of every
-epoch's samples (the samplers shard one seeded draw), `--batch-size` is per process (the global batch
-is world size x batch size), DDP averages the gradients, and rank 0 alone validates, logs and writes
-checkpoints, which hold the plain model and load without DDP.
+epoch's samples (the samplers shard one seeded draw into the same number of full batches per process),
+`--batch-size` is per process (the global batch is world size x batch size), DDP averages the
+gradients, and rank 0 alone validates, logs and writes checkpoints, which hold the plain model and
+load without DDP. Every collective must be called as often on every rank: a decision that skips
+one (a step with a NaN loss) is taken by all ranks together (`true_on_every_rank`).
 """
 
 import datetime

@@ -180,8 +180,8 @@ class EpochSampler(Sampler):
     yields them all, `(epoch, 0)` to `(epoch, steps_per_epoch * batch_size - 1)`. With
     `num_replicas > 1` (DDP) rank r takes the batches r, r + num_replicas, ..., and every rank takes
     ceil(steps_per_epoch / num_replicas) of them: all ranks step the same number of times on full
-    batches (a rank that ran out first would leave the others waiting in the gradient all-reduce),
-    up to num_replicas - 1 batches beyond `steps_per_epoch` of fresh indices, and no index twice.
+    batches (a rank that ran out first would leave the others waiting in the gradient all-reduce).
+    The rounding up adds at most num_replicas - 1 batches of fresh indices; no index comes twice.
     It runs in the main process, so a new epoch reaches persistent workers through the keys alone.
 
     Args:
@@ -200,7 +200,7 @@ class EpochSampler(Sampler):
             raise ValueError(f"rank {rank} is not in 0..{num_replicas - 1}")
         if foreground_per_batch is not None and not 0 <= foreground_per_batch <= batch_size:
             raise ValueError(f"foreground_per_batch must lie in 0..{batch_size}, got {foreground_per_batch}")
-        self.steps_per_epoch = steps_per_epoch
+        self.batches_per_replica = math.ceil(steps_per_epoch / num_replicas)
         self.batch_size = batch_size
         self.foreground_per_batch = foreground_per_batch
         self.num_replicas = num_replicas
@@ -212,15 +212,12 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         epoch, batch_size = self.epoch, self.batch_size
-        batches = range(self.rank, self.batches_per_replica() * self.num_replicas, self.num_replicas)
+        batches = range(self.rank, self.batches_per_replica * self.num_replicas, self.num_replicas)
         indices = [index for batch in batches for index in range(batch * batch_size, (batch + 1) * batch_size)]
         if self.foreground_per_batch is None:
             return iter([(epoch, index) for index in indices])
         first_forced = batch_size - self.foreground_per_batch
         return iter([(epoch, index, index % batch_size >= first_forced) for index in indices])
 
-    def batches_per_replica(self) -> int:
-        return math.ceil(self.steps_per_epoch / self.num_replicas)
-
     def __len__(self) -> int:
-        return self.batches_per_replica() * self.batch_size
+        return self.batches_per_replica * self.batch_size

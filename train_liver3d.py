@@ -64,6 +64,7 @@ class Config:
     # sampling and augmentation
     patch: tuple[int, ...] | None = None  # patch size z,y,x (one int: a cube); auto: the median preprocessed shape, shrunk until a step fits the memory of a 128^3 patch at batch 2 and 32 base channels, divisible by the downsampling
     fg_prob: float = 0.33  # share of patches centred on a voxel of a random foreground class (nnU-Net)
+    fg_sampling: str = "per_sample"  # per_sample (each patch draws at fg_prob) or per_batch (round(batch_size x fg_prob) of every batch, nnU-Net)
     augment: Augment3DConfig = field(default_factory=Augment3DConfig)  # edit in config.json, pass --config
     # model
     base_channels: int = 32  # feature channels at full resolution, doubled each level up to max_channels
@@ -85,7 +86,7 @@ class Config:
     grad_clip: float = 12.0  # max gradient norm (nnU-Net); 0 disables
     batch_size: int = 2  # patches per step (per process)
     epochs: int = 1000  # total epochs (a resumed run continues up to this number)
-    steps_per_epoch: int = 250  # iterations per epoch (nnU-Net: 250); under torchrun the processes share them
+    steps_per_epoch: int = 250  # iterations per epoch (nnU-Net: 250); under torchrun each process takes ceil(steps / processes)
     # validation
     val_every: int = 50  # validate every N epochs; always after the last epoch
     overlap: float = 0.5  # sliding-window overlap between neighbouring windows (fraction of the patch)
@@ -235,6 +236,8 @@ def write_metrics(validation: dict, labels: dict[int, str], out: Path) -> None:
 
 def main(argv: list[str]) -> dict:
     config, resume = parse_config(Config, argv, __doc__, SYNTHETIC_PROFILE)
+    if config.fg_sampling not in ("per_sample", "per_batch"):
+        raise SystemExit(f"--fg-sampling {config.fg_sampling}: choose per_sample or per_batch")
     out, device, amp_dtype, logger = start_run(config, resume)
     rank, world_size = rank_and_world_size()  # (0, 1) unless launched by torchrun
 
@@ -250,7 +253,10 @@ def main(argv: list[str]) -> dict:
         save_config(config, out / "config.json")
     train_data = PatchDataset(entry, train_ids, config.patch, config.steps_per_epoch * config.batch_size,
                               config.fg_prob, config.augment, config.seed)
-    sampler = EpochSampler(len(train_data), num_replicas=world_size, rank=rank)
+    foreground_per_batch = round(config.batch_size * config.fg_prob) if config.fg_sampling == "per_batch" else None
+    # Whole batches: every rank takes ceil(steps_per_epoch / world_size) full ones, so all ranks step together.
+    sampler = EpochSampler(config.steps_per_epoch, config.batch_size, foreground_per_batch=foreground_per_batch,
+                           num_replicas=world_size, rank=rank)
     loader = torch.utils.data.DataLoader(
         train_data, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
         pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
@@ -274,15 +280,16 @@ def main(argv: list[str]) -> dict:
 
     start_epoch, best_dice = 0, -1.0
     if resume:  # every state that shapes the following steps: weights, optimizer, schedule, scaler, RNGs
-        start_epoch, best_dice = resume_training(resume, model, optimizer, scheduler, scaler, device)
+        start_epoch, best_dice = resume_training(resume, model, optimizer, scheduler, scaler)
         logger.info(f"resumed from {resume} at epoch {start_epoch + 1}")
 
-    train_model = model  # the plain model is what we save: its state_dict loads anywhere
+    train_model = model  # wrapped below; the plain model is what we save (its state_dict loads anywhere)
     if world_size > 1:  # torchrun: gradients are averaged over the processes at every step
         train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # Compile what trains, and only that: validation runs the plain `model` (the same weights, outside
+    # DDP), where a compiled one would trace new graphs for no-grad, eval mode and the last small batch.
     if config.compile:
         train_model = torch.compile(train_model)
-    eval_model = train_model if world_size == 1 else model  # rank 0 validates alone, outside DDP
     if config.benchmark:  # throughput only: no validation, no checkpoints
         return benchmark_training(train_model, loader, sampler, loss_fn, optimizer, steps=config.benchmark,
                                   scheduler=scheduler, scaler=scaler, device=device, amp_dtype=amp_dtype,
@@ -307,7 +314,7 @@ def main(argv: list[str]) -> dict:
         record = {"epoch": epoch, **stats, "epoch_time_s": time.perf_counter() - started}
         last_epoch = epoch == config.epochs - 1
         if rank == 0 and ((epoch + 1) % config.val_every == 0 or last_epoch):  # one process validates every case
-            validation = validate(eval_model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
+            validation = validate(model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
                                   config=config, device=device, amp_dtype=amp_dtype, logger=logger, epoch=epoch,
                                   save_dir=out / "predictions" if last_epoch else None)
             record.update(validation["scores"])
@@ -322,7 +329,7 @@ def main(argv: list[str]) -> dict:
         cleanup_distributed()
         return {}
     if validation is None:  # resumed after the last epoch: nothing left to train, validate once
-        validation = validate(eval_model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
+        validation = validate(model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
                               config=config, device=device, amp_dtype=amp_dtype, logger=logger,
                               epoch=config.epochs - 1, save_dir=out / "predictions")
     write_metrics(validation, dataset.labels, out)

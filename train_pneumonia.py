@@ -263,15 +263,16 @@ def main(argv: list[str]) -> dict:
 
     start_epoch, best_auc = 0, -1.0
     if resume:  # every state that shapes the following steps: weights, optimizer, schedule, scaler, RNGs
-        start_epoch, best_auc = resume_training(resume, model, optimizer, scheduler, scaler, device)
+        start_epoch, best_auc = resume_training(resume, model, optimizer, scheduler, scaler)
         logger.info(f"resumed from {resume} at epoch {start_epoch + 1}")
 
-    train_model = model  # the plain model is what we save: its state_dict loads anywhere
+    train_model = model  # wrapped below; the plain model is what we save (its state_dict loads anywhere)
     if world_size > 1:  # torchrun: gradients averaged at every step (batch norm statistics stay per process)
         train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # Compile what trains, and only that: validation runs the plain `model` (the same weights, outside
+    # DDP), where a compiled one would trace new graphs for no-grad, eval mode and the last small batch.
     if config.compile:
         train_model = torch.compile(train_model)
-    eval_model = train_model if world_size == 1 else model  # rank 0 validates alone, outside DDP
     if config.benchmark:  # throughput only: no validation, no checkpoints
         return benchmark_training(train_model, loader, train_sampler, loss_fn, optimizer, steps=config.benchmark,
                                   scheduler=scheduler, scaler=scaler, device=device, amp_dtype=amp_dtype,
@@ -296,7 +297,7 @@ def main(argv: list[str]) -> dict:
                     f"{stats['samples_per_s']:.1f} images/s, data wait {100 * stats['data_wait_fraction']:.0f}%")
         record = {"epoch": epoch, **stats, "epoch_time_s": time.perf_counter() - started}
         if rank == 0 and ((epoch + 1) % config.val_every == 0 or epoch == config.epochs - 1):
-            validation = validate(eval_model, val_loader, device=device, amp_dtype=amp_dtype, logger=logger,
+            validation = validate(model, val_loader, device=device, amp_dtype=amp_dtype, logger=logger,
                                   epoch=epoch)
             threshold = validation["metrics"]["threshold_youden"]
             record.update(validation["metrics"])
@@ -311,7 +312,7 @@ def main(argv: list[str]) -> dict:
         cleanup_distributed()
         return {}
     if validation is None:  # resumed after the last epoch: nothing left to train, validate once
-        validation = validate(eval_model, val_loader, device=device, amp_dtype=amp_dtype, logger=logger,
+        validation = validate(model, val_loader, device=device, amp_dtype=amp_dtype, logger=logger,
                               epoch=config.epochs - 1)
     metrics = dict(validation["metrics"])
     cam_scores, overlays = score_activation_maps(model, val_data, validation, patients, images, source_shapes,

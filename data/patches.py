@@ -2,10 +2,11 @@
 
 Each sample is keyed by `(epoch, index)` and drawn with `np.random.default_rng([seed, epoch, index])`,
 so it is the same whatever the number of workers, their order, or a resumed run, and differs between
-epochs. `EpochSampler` hands out those keys from the main process; `PatchDataset` opens the cached
-arrays as memory maps inside each worker on first use and reads only the region a patch needs.
+epochs. `EpochSampler` hands out those keys from the main process, whole batches at a time;
+`PatchDataset` opens the cached arrays as memory maps inside each worker on first use and reads only
+the region a patch needs.
 
-    sampler = EpochSampler(len(dataset))
+    sampler = EpochSampler(steps_per_epoch=250, batch_size=2)
     loader = DataLoader(dataset, batch_size=2, sampler=sampler, num_workers=8, persistent_workers=True)
     for epoch in range(num_epochs):
         sampler.set_epoch(epoch)
@@ -13,6 +14,7 @@ arrays as memory maps inside each worker on first use and reads only the region 
 """
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,14 +95,16 @@ def _open_cached_case(cache_dir: Path, case_id: str) -> _CachedCase:
 
 
 class PatchDataset(Dataset):
-    """Augmented random patches, indexed by `(epoch, index)` keys from `EpochSampler`.
+    """Augmented random patches, indexed by `(epoch, index)` keys from `EpochSampler`, or by
+    `(epoch, index, centre_on_foreground)` keys when the sampler decides the foreground per batch.
 
     Args:
         cache_dir: the cache entry folder holding `<case_id>_image.npy` etc.
         case_ids: cases to draw from, each with equal probability.
         patch_size: `(D, H, W)`.
         samples_per_epoch: number of keys per epoch (`len(dataset)`).
-        fg_prob: chance of centring a patch on foreground.
+        fg_prob: chance of centring a patch on foreground, drawn per patch (keys without a
+            `centre_on_foreground` flag).
         augment: augmentation config; `Augment3DConfig.none()` for plain crops.
         seed: base seed of every sample's generator.
 
@@ -141,13 +145,16 @@ class PatchDataset(Dataset):
             self._open_cases[case_id] = _open_cached_case(self.cache_dir, case_id)
         return self._open_cases[case_id]
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
-        if not isinstance(key, tuple):
-            raise TypeError(f"PatchDataset keys are (epoch, index) tuples from EpochSampler, got {key!r}")
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, int] | tuple[int, int, bool]) -> dict[str, torch.Tensor]:
+        if not isinstance(key, tuple) or len(key) not in (2, 3):
+            raise TypeError(f"PatchDataset keys are (epoch, index) or (epoch, index, centre_on_foreground) tuples "
+                            f"from EpochSampler, got {key!r}")
+        epoch, index, *centre_on_foreground = key
+        # A flag from the sampler is a draw at probability 1 or 0: the generator's stream is the same.
+        fg_prob = float(centre_on_foreground[0]) if centre_on_foreground else self.fg_prob
         rng = np.random.default_rng([self.seed, epoch, index])
         case = self._case(self.case_ids[rng.integers(len(self.case_ids))])
-        center = sample_patch_center(rng, case.label.shape, case.foreground, self.fg_prob, self.patch_size)
+        center = sample_patch_center(rng, case.label.shape, case.foreground, fg_prob, self.patch_size)
         params = sample_spatial_transform(rng, self.patch_size, self.augment)
         image, label = apply_spatial_transform(
             case.image,
@@ -166,18 +173,36 @@ class PatchDataset(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Yields `(epoch, i)` for this process's share of i in range(num_samples); call `set_epoch`
-    before each epoch.
+    """Yields this process's keys of an epoch of `steps_per_epoch` batches of `batch_size`
+    patches; call `set_epoch` before each epoch and batch with the same `batch_size`.
 
+    Batch k of the epoch holds the indices k * batch_size ... (k + 1) * batch_size - 1; one process
+    yields them all, `(epoch, 0)` to `(epoch, steps_per_epoch * batch_size - 1)`. With
+    `num_replicas > 1` (DDP) rank r takes the batches r, r + num_replicas, ..., and every rank takes
+    ceil(steps_per_epoch / num_replicas) of them: all ranks step the same number of times on full
+    batches (a rank that ran out first would leave the others waiting in the gradient all-reduce).
+    The rounding up adds at most num_replicas - 1 batches of fresh indices; no index comes twice.
     It runs in the main process, so a new epoch reaches persistent workers through the keys alone.
-    With `num_replicas > 1` (DDP) rank r takes i = r, r + num_replicas, ...: the ranks split the
-    epoch's patches without overlap, and each patch is the one a single process would have drawn.
+
+    Args:
+        steps_per_epoch: batches per epoch over all processes.
+        batch_size: patches per batch (per process).
+        foreground_per_batch: None lets every patch draw its centre for itself (`PatchDataset`'s
+            `fg_prob`), keys `(epoch, index)`. A number n forces it per batch, as nnU-Net does: keys
+            `(epoch, index, centre_on_foreground)` with the flag set on the last n patches of every
+            batch and clear on the others, which are centred at random.
+        num_replicas, rank: DDP world size and this process's rank.
     """
 
-    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, steps_per_epoch: int, batch_size: int, *, foreground_per_batch: int | None = None,
+                 num_replicas: int = 1, rank: int = 0):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in 0..{num_replicas - 1}")
-        self.num_samples = num_samples
+        if foreground_per_batch is not None and not 0 <= foreground_per_batch <= batch_size:
+            raise ValueError(f"foreground_per_batch must lie in 0..{batch_size}, got {foreground_per_batch}")
+        self.batches_per_replica = math.ceil(steps_per_epoch / num_replicas)
+        self.batch_size = batch_size
+        self.foreground_per_batch = foreground_per_batch
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
@@ -186,8 +211,13 @@ class EpochSampler(Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        epoch = self.epoch
-        return iter([(epoch, index) for index in range(self.rank, self.num_samples, self.num_replicas)])
+        epoch, batch_size = self.epoch, self.batch_size
+        batches = range(self.rank, self.batches_per_replica * self.num_replicas, self.num_replicas)
+        indices = [index for batch in batches for index in range(batch * batch_size, (batch + 1) * batch_size)]
+        if self.foreground_per_batch is None:
+            return iter([(epoch, index) for index in indices])
+        first_forced = batch_size - self.foreground_per_batch
+        return iter([(epoch, index, index % batch_size >= first_forced) for index in indices])
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.num_samples, self.num_replicas))
+        return self.batches_per_replica * self.batch_size

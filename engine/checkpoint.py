@@ -54,10 +54,15 @@ def training_state(model, optimizer, scheduler, scaler, epoch: int, best_metric:
             **inference}
 
 
-def resume_training(path: Path, model, optimizer, scheduler, scaler, device) -> tuple[int, float]:
+def resume_training(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, float]:
     """Load every state that shapes the following steps from a ``training_state`` checkpoint into
-    the given objects and the global RNGs; returns (first epoch to train, best metric so far)."""
-    checkpoint = load_checkpoint(path, map_location=device)
+    the given objects and the global RNGs; returns (first epoch to train, best metric so far).
+
+    The file is read into host memory whatever the training device: the RNG states must stay CPU
+    tensors (``torch.set_rng_state`` and NumPy refuse GPU tensors), and ``load_state_dict`` of the
+    model and of the optimizer copies each tensor onto the device of the parameter it belongs to.
+    """
+    checkpoint = load_checkpoint(path, map_location="cpu")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])

@@ -5,9 +5,11 @@
 
 torchrun starts one process per GPU and sets RANK, LOCAL_RANK and WORLD_SIZE; without it the
 recipes run as one process and nothing here does anything. Each process draws its own share of every
-epoch's samples (the samplers shard one seeded draw), `--batch-size` is per process (the global batch
-is world size x batch size), DDP averages the gradients, and rank 0 alone validates, logs and writes
-checkpoints, which hold the plain model and load without DDP.
+epoch's samples (the samplers shard one seeded draw into the same number of full batches per process),
+`--batch-size` is per process (the global batch is world size x batch size), DDP averages the
+gradients, and rank 0 alone validates, logs and writes checkpoints, which hold the plain model and
+load without DDP. Every collective must be called as often on every rank: a decision that skips
+one (a step with a NaN loss) is taken by all ranks together (`true_on_every_rank`).
 """
 
 import datetime
@@ -55,6 +57,18 @@ def rank_and_world_size() -> tuple[int, int]:
 
 def is_main_process() -> bool:
     return rank_and_world_size()[0] == 0
+
+
+def true_on_every_rank(flag: torch.Tensor) -> bool:
+    """Whether the boolean scalar ``flag`` holds on every process: one all-reduce (MIN) under
+    torchrun, the flag itself otherwise. A decision that changes which collectives follow (skip a
+    step, stop the run) must be taken this way, or the ranks' gradient all-reduces pair different
+    steps and NCCL hangs until the timeout."""
+    if rank_and_world_size()[1] == 1:
+        return bool(flag)
+    flag = flag.to(torch.int32)  # NCCL and gloo reduce integers, not bools
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
 
 
 def barrier() -> None:

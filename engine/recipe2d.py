@@ -207,15 +207,16 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
 
     start_epoch, best_dice = 0, -1.0
     if resume:  # every state that shapes the following steps: weights, optimizer, schedule, scaler, RNGs
-        start_epoch, best_dice = resume_training(resume, model, optimizer, scheduler, scaler, device)
+        start_epoch, best_dice = resume_training(resume, model, optimizer, scheduler, scaler)
         logger.info(f"resumed from {resume} at epoch {start_epoch + 1}")
 
-    train_model = model  # the plain model is what we save: its state_dict loads anywhere
+    train_model = model  # wrapped below; the plain model is what we save (its state_dict loads anywhere)
     if world_size > 1:  # torchrun: gradients are averaged over the processes at every step
         train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # Compile what trains, and only that: validation runs the plain `model` (the same weights, outside
+    # DDP), where a compiled one would trace new graphs for no-grad, eval mode and the last small batch.
     if config.compile:
         train_model = torch.compile(train_model)
-    eval_model = train_model if world_size == 1 else model  # rank 0 validates alone, outside DDP
     if config.benchmark:  # throughput only: no validation, no checkpoints
         return benchmark_training(train_model, loader, sampler, loss_fn, optimizer, steps=config.benchmark,
                                   scheduler=scheduler, scaler=scaler, device=device, amp_dtype=amp_dtype,
@@ -227,7 +228,7 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
                               labels={str(k): v for k, v in dataset.labels.items()})
 
     def validate(epoch: int, save_dir: Path | None = None) -> dict:
-        return validate_volumes(eval_model, entry, val_ids, labels=dataset.labels, outputs=outputs,
+        return validate_volumes(model, entry, val_ids, labels=dataset.labels, outputs=outputs,
                                 axis=config.slice_axis, image_size=config.image_size, fit=config.fit,
                                 largest_component=config.largest_component, spacing=plan.target_spacing,
                                 tolerance_mm=config.nsd_tolerance_mm, device=device, amp_dtype=amp_dtype,

@@ -6,6 +6,8 @@ import time
 import torch
 from tqdm import tqdm
 
+from engine.distributed import true_on_every_rank
+
 
 def train_one_epoch(model, loader, loss_fn, optimizer, *, scheduler, scaler, device: torch.device,
                     amp_dtype: torch.dtype | None, grad_clip: float | None,
@@ -17,9 +19,10 @@ def train_one_epoch(model, loader, loss_fn, optimizer, *, scheduler, scaler, dev
     for fp16 only. The scheduler steps once per iteration (poly and cosine schedules are defined over iterations).
     Losses are accumulated on the device and read back only for the progress bar every few steps,
     so the GPU is not forced to wait for the CPU after each step. A step whose loss is NaN or
-    infinite is skipped; ``max_nonfinite_in_a_row`` of them in a row stop the run (SystemExit with
-    what to try), and running out of GPU memory stops it with the settings to lower. Either way the
-    last completed epoch's checkpoint is untouched.
+    infinite is skipped, under torchrun on every rank when it is so on any rank (the ranks then keep
+    identical weights and step counts); ``max_nonfinite_in_a_row`` of them in a row stop the run
+    (SystemExit with what to try), and running out of GPU memory stops it with the settings to lower.
+    Either way the last completed epoch's checkpoint is untouched.
 
     Returns:
         dict with ``loss`` (mean over steps), ``lr`` (after the last step), ``steps``, ``samples_per_s``,
@@ -43,9 +46,10 @@ def train_one_epoch(model, loader, loss_fn, optimizer, *, scheduler, scaler, dev
             loss = loss_fn(output, label)  # losses compute in float32 whatever the autocast dtype
 
             optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                # One bad batch must not poison the weights (the check costs one device sync a step,
-                # small beside a 3D U-Net step); many in a row mean the run has diverged.
+            # One bad batch must not poison the weights (the check costs one device sync a step, small
+            # beside a 3D U-Net step); many in a row mean the run has diverged. Under DDP every rank
+            # skips when any rank's loss is bad, so all ranks keep stepping (and stopping) together.
+            if not true_on_every_rank(torch.isfinite(loss)):
                 nonfinite_steps += 1
                 nonfinite_in_a_row += 1
                 if nonfinite_in_a_row >= max_nonfinite_in_a_row:

@@ -67,6 +67,14 @@ def test_resume_finishes_the_same_run_and_existing_runs_are_kept(tmp_path, cache
     assert train_atrium.main(["--resume", str(tmp_path / "cut" / "last.pt")]) == full
 
 
+@pytest.mark.slow  # traces the model
+def test_compiled_training_traces_no_graph_after_its_first_epoch(tmp_path, cache_dir, count_compiled_graphs):
+    counts = count_compiled_graphs(recipe2d, "train_one_epoch", "validate_volumes")
+    run(tmp_path / "run", cache_dir, "--compile", "--epochs", "2")
+    traced = counts["train_one_epoch"][0]
+    assert traced > 0 and counts == {"train_one_epoch": [traced] * 2, "validate_volumes": [traced] * 2}
+
+
 def test_torchrun_two_cpu_processes_share_the_epoch_and_rank_zero_alone_writes(tmp_path, cache_dir):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

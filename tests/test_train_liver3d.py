@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import train_liver3d
 from data.synthetic.msd_layout import write_msd_dataset
@@ -167,18 +168,34 @@ def test_a_checkpoint_from_before_planned_networks_resumes_with_its_uniform_netw
     assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["strides"] == ((2, 2, 2),) * 2
 
 
-def test_torchrun_two_cpu_processes_train_and_rank_zero_alone_writes(tmp_path, cache_dir):
+@pytest.mark.slow  # traces the model
+def test_compiled_training_traces_no_graph_after_its_first_epoch(tmp_path, cache_dir, count_compiled_graphs):
+    # Validation (no grad, eval mode, the last window batch of 1, mirrored windows) runs the plain
+    # model; through the compiled one it traced a graph for each change.
+    counts = count_compiled_graphs(train_liver3d, "train_one_epoch", "validate")
+    run(tmp_path / "run", cache_dir, "--compile", "--epochs", "2", "--steps-per-epoch", "2")
+    traced = counts["train_one_epoch"][0]
+    assert traced > 0 and counts == {"train_one_epoch": [traced] * 2, "validate": [traced] * 2}
+
+
+@pytest.mark.slow
+def test_torchrun_three_cpu_processes_step_together_and_rank_zero_alone_writes(tmp_path, cache_dir):
+    # 4 batches an epoch over 3 processes: each takes 2 whole batches, so all step and stay in lockstep.
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "train_liver3d.py", *TINY, "--device", "cpu", "--epochs", "2", "--cache-dir", str(cache_dir),
-               "--out", str(out)]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+               __file__, *TINY, "--device", "cpu", "--epochs", "2", "--cache-dir", str(cache_dir), "--out", str(out)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK_WEIGHTS_DIR": str(tmp_path)}
     finished = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600,
                               check=False)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert [r["epoch"] for r in read_log(out)] == [0, 1]  # one process logged
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [0, 1] and all(r["steps"] == 2 for r in log)  # one process logged
     assert finished.stdout.count("epoch 2/2: loss") == 1
+    for epoch in range(2):  # every rank ends every epoch with the same weights
+        weights = [torch.load(tmp_path / f"rank{rank}_epoch{epoch}.pt") for rank in range(3)]
+        assert all(torch.equal(weights[0][name], other[name]) for other in weights[1:] for name in weights[0])
     checkpoint = load_checkpoint(out / "last.pt")
+    assert all(torch.equal(value, weights[0]["module." + name]) for name, value in checkpoint["model"].items())
     assert not any(key.startswith("module.") for key in checkpoint["model"])  # the plain model, no DDP wrapper
     config = checkpoint["config"]
     model = UNet(spatial_dims=3, in_channels=1, num_classes=3, base_channels=config["base_channels"],
@@ -232,3 +249,23 @@ def test_explicit_geometry_wins_over_the_plan():
     assert plan((1.0, 1.0, 1.0), (64.0, 64.0, 64.0), kernel_sizes=((1, 3, 3), (3, 3, 3))).depth == 2
     with pytest.raises(SystemExit, match="2 strides make 3 levels, not 4.*--depth"):
         plan((1.0, 1.0, 1.0), (64.0, 64.0, 64.0), strides=((2, 2, 2), (2, 2, 2)), depth=4)
+
+
+def train_keeping_each_rank_weights(argv: list[str]) -> None:
+    """A torchrun process of the test above: the recipe, with this rank's weights written to
+    RANK_WEIGHTS_DIR after every epoch."""
+    train_one_epoch, epochs = train_liver3d.train_one_epoch, []
+
+    def train_and_keep_weights(model, *args, **kwargs):
+        stats = train_one_epoch(model, *args, **kwargs)
+        path = Path(os.environ["RANK_WEIGHTS_DIR"]) / f"rank{os.environ['RANK']}_epoch{len(epochs)}.pt"
+        torch.save(model.state_dict(), path)
+        epochs.append(stats)
+        return stats
+
+    train_liver3d.train_one_epoch = train_and_keep_weights
+    train_liver3d.main(argv)
+
+
+if __name__ == "__main__":
+    train_keeping_each_rank_weights(sys.argv[1:])

@@ -127,6 +127,15 @@ def test_benchmark_mode(tmp_path, cache_dir):
     assert not list((tmp_path / "bench").glob("*.pt"))
 
 
+@pytest.mark.slow  # traces the model
+def test_compiled_training_traces_no_graph_after_its_first_epoch(tmp_path, cache_dir, count_compiled_graphs):
+    # The validation loader ends on a partial batch; validation and the CAMs run the plain model.
+    counts = count_compiled_graphs(train_pneumonia, "train_one_epoch", "validate")
+    run(tmp_path / "run", cache_dir, "--compile", "--epochs", "2")
+    traced = counts["train_one_epoch"][0]
+    assert traced > 0 and counts == {"train_one_epoch": [traced] * 2, "validate": [traced] * 2}
+
+
 def test_torchrun_two_cpu_processes_train_with_batch_norm_and_rank_zero_alone_writes(tmp_path, cache_dir):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

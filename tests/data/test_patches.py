@@ -1,5 +1,7 @@
 import dataclasses
+import hashlib
 import json
+import math
 import pickle
 
 import numpy as np
@@ -153,7 +155,7 @@ def test_integer_keys_are_refused(cache_dir):
 
 
 def test_epoch_sampler_yields_keys_of_the_current_epoch():
-    sampler = EpochSampler(4)
+    sampler = EpochSampler(2, 2)
     assert len(sampler) == 4 and list(sampler) == [(0, 0), (0, 1), (0, 2), (0, 3)]
     sampler.set_epoch(5)
     assert list(sampler) == [(5, 0), (5, 1), (5, 2), (5, 3)]
@@ -162,7 +164,7 @@ def test_epoch_sampler_yields_keys_of_the_current_epoch():
 def test_spawned_workers_give_the_same_batches_as_the_main_process(cache_dir):
     augment = dataclasses.replace(Augment3DConfig(), p_rotation=0.5, p_elastic=0.3)
     dataset = _dataset(cache_dir, augment)
-    sampler = EpochSampler(len(dataset))
+    sampler = EpochSampler(3, 3)
     sampler.set_epoch(2)
     serial = list(DataLoader(dataset, batch_size=3, sampler=sampler, num_workers=0))
     loader = DataLoader(
@@ -180,9 +182,85 @@ def test_spawned_workers_give_the_same_batches_as_the_main_process(cache_dir):
     torch.testing.assert_close(next_epoch[0]["image"][0], dataset[(3, 0)]["image"], rtol=0, atol=0)
 
 
+def test_one_process_draws_the_keys_and_patches_it_always_drew(cache_dir):
+    # The published figures of the synthetic default come from these patches: they must not move.
+    # The digest was taken from the per-sample keys (epoch, 0 .. steps x batch - 1) and plain crops
+    # before the sampler learnt whole batches and per-batch foreground.
+    sampler = EpochSampler(7, 3)
+    digest = hashlib.sha256()
+    for epoch in (0, 3):
+        sampler.set_epoch(epoch)
+        keys = list(sampler)
+        assert keys == [(epoch, index) for index in range(21)]
+        dataset = PatchDataset(cache_dir, list(CASE_IDS), (9, 15, 13), 21, 0.33, Augment3DConfig.none(), seed=7)
+        for key in keys[:12]:
+            sample = dataset[key]
+            digest.update(sample["label"].numpy().tobytes())
+            digest.update(sample["image"].numpy().tobytes())
+    assert digest.hexdigest() == "ea1f65eb984d52e49e1d87df0f0d7ecdd02b6ba2d511846ff62640ff303e15b1"
+
+
+@pytest.mark.parametrize("world_size", range(1, 9))
+@pytest.mark.parametrize("steps_per_epoch, batch_size", [(250, 2), (7, 3), (3, 5)])
+def test_every_rank_gets_the_same_number_of_full_batches(world_size, steps_per_epoch, batch_size):
+    shards = [list(EpochSampler(steps_per_epoch, batch_size, num_replicas=world_size, rank=rank))
+              for rank in range(world_size)]
+    batches_per_rank = math.ceil(steps_per_epoch / world_size)  # 500 patches on 3 GPUs: 84 batches each
+    assert all(len(shard) == batches_per_rank * batch_size for shard in shards)
+    keys = [key for shard in shards for key in shard]
+    assert len(set(keys)) == len(keys)  # no patch twice in an epoch
+    assert set(EpochSampler(steps_per_epoch, batch_size)) <= set(keys)  # every patch one process would draw
+    for rank, shard in enumerate(shards):  # each batch is one whole batch of the single-process epoch
+        loader = DataLoader(shard, batch_size=batch_size)
+        assert len(loader) == batches_per_rank
+        for step, batch in enumerate(loader):
+            indices = batch[1].tolist()
+            first = (step * world_size + rank) * batch_size
+            assert indices == list(range(first, first + batch_size))
+
+
 def test_ranks_split_an_epoch_without_overlap():
-    shards = [list(EpochSampler(10, num_replicas=3, rank=rank)) for rank in range(3)]
-    assert [len(shard) for shard in shards] == [4, 3, 3]
-    assert sorted(key for shard in shards for key in shard) == list(EpochSampler(10))
+    shards = [list(EpochSampler(5, 2, num_replicas=3, rank=rank)) for rank in range(3)]
+    assert shards == [[(0, 0), (0, 1), (0, 6), (0, 7)], [(0, 2), (0, 3), (0, 8), (0, 9)],
+                      [(0, 4), (0, 5), (0, 10), (0, 11)]]  # batch 5 is one beyond the epoch's 5
     with pytest.raises(ValueError, match="rank 3"):
-        EpochSampler(10, num_replicas=3, rank=3)
+        EpochSampler(10, 2, num_replicas=3, rank=3)
+
+
+@pytest.mark.parametrize("batch_size, fg_prob, forced", [(2, 0.33, 1), (5, 0.33, 2), (3, 1.0, 3), (4, 0.1, 0)])
+def test_per_batch_foreground_centres_the_last_patches_of_every_batch(batch_size, fg_prob, forced):
+    assert round(batch_size * fg_prob) == forced
+    for rank in range(2):
+        sampler = EpochSampler(9, batch_size, foreground_per_batch=forced, num_replicas=2, rank=rank)
+        keys = list(sampler)
+        batches = [keys[start:start + batch_size] for start in range(0, len(keys), batch_size)]
+        assert all([flag for _, _, flag in batch] == [False] * (batch_size - forced) + [True] * forced
+                   for batch in batches)
+        assert [key[:2] for key in keys] == list(EpochSampler(9, batch_size, num_replicas=2, rank=rank))
+
+
+def test_per_batch_keys_put_one_foreground_centre_in_every_batch_of_two_where_per_sample_leaves_none(tmp_path):
+    # One foreground voxel in the volume: a patch is centred on it when, and only when, it was chosen
+    # as a foreground centre (a random centre lands on it with probability 1/9975).
+    shape = (19, 21, 25)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[9, 11, 12] = 1
+    _write_case(tmp_path, "dot", np.random.default_rng(0).standard_normal((1, *shape)), label, [-5.0])
+    dataset = _dataset(tmp_path, Augment3DConfig.none(), patch_size=(5, 7, 9), case_ids=("dot",), fg_prob=0.33)
+    center = (2, 3, 4)  # plain crops: the patch's middle voxel is the drawn centre
+
+    def foreground_centred(keys):
+        return [bool(dataset[key]["label"][center]) for key in keys]
+
+    per_batch = foreground_centred(EpochSampler(40, 2, foreground_per_batch=round(2 * 0.33)))
+    assert per_batch == [False, True] * 40  # the last patch of every batch
+    per_sample = foreground_centred(EpochSampler(40, 2))
+    without = sum(not (first or second) for first, second in zip(per_sample[::2], per_sample[1::2]))
+    assert 8 <= without <= 28  # (1 - 0.33)^2 = 45% of the 40 batches on average
+    # A flagged key is the patch an unflagged key draws at fg_prob 1 or 0: one stream for both modes.
+    for fg_prob, flag in ((1.0, True), (0.0, False)):
+        drawing = _dataset(tmp_path, Augment3DConfig.none(), patch_size=(5, 7, 9), case_ids=("dot",), fg_prob=fg_prob)
+        for index in range(5):
+            torch.testing.assert_close(dataset[(1, index, flag)]["image"], drawing[(1, index)]["image"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="foreground_per_batch"):
+        EpochSampler(4, 2, foreground_per_batch=3)

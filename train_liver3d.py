@@ -7,7 +7,8 @@
 
 Any MSD task folder works (dataset.json gives the classes and input channels). The recipe, top to
 bottom: config -> data (preprocess once, cache) -> model -> loss -> optimizer -> resume -> compile ->
-epoch loop (train, validate, checkpoint) -> final validation -> metrics.json.
+epoch loop (train, pseudo-Dice on fixed validation patches, checkpoint) -> final whole-volume
+validation -> metrics.json.
 """
 
 import dataclasses
@@ -32,9 +33,11 @@ from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.config import parse_config
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.evaluate import evaluate
+from engine.inference import default_window_batch_size, trained_flips
 from engine.logging import RunLogger, foreground_slice_index, overlay_slice
 from engine.optim import build_optimizer
 from engine.postprocess import keep_largest_foreground
+from engine.pseudo_dice import ValidationPatch, draw_validation_patches, pseudo_dice, read_validation_patches
 from engine.runtime import metric_key, start_run, surface_scores, worker_init
 from engine.train import train_one_epoch
 from losses import DeepSupervisionLoss, DiceCELoss
@@ -76,9 +79,11 @@ class Config:
     epochs: int = 1000  # total epochs (a resumed run continues up to this number)
     steps_per_epoch: int = 250  # iterations per epoch (nnU-Net: 250); under torchrun the processes share them
     # validation
-    val_every: int = 50  # validate every N epochs; always after the last epoch
+    val_every: int = 50  # pseudo-Dice on fixed validation patches every N epochs and after the last (picks best.pt); whole volumes are validated once, after training
+    val_patches_per_case: int = 4  # pseudo-Dice: fixed patches per validation case, half centred on foreground
     overlap: float = 0.5  # sliding-window overlap between neighbouring windows (fraction of the patch)
-    tta: bool = False  # mirroring test-time augmentation at the final validation (8 flips in 3D: 8x slower)
+    window_batch_size: int | None = None  # windows (and pseudo-Dice patches) per forward pass at validation; none = ~2^23 voxels on a GPU (4 windows of 128^3), 2 on a CPU
+    tta: bool = False  # mirroring test-time augmentation at the final validation, along the axes training flips (augment.mirror_axes; all three: 8x slower)
     keep_largest: bool = False  # keep the largest connected foreground component (one organ, e.g. liver)
     nsd_tolerance_mm: float = 2.0  # normalised surface Dice counts boundary voxels within this distance as correct
     # hardware and reproducibility
@@ -122,29 +127,56 @@ def prepare_data(config: Config, logger: RunLogger):
     return dataset, plan, entry, train_ids, val_ids
 
 
+def check_validation_settings(config: Config) -> None:
+    """Stop before training, not after it, on settings the validation cannot use."""
+    if config.val_patches_per_case < 1:
+        raise SystemExit(f"--val-patches-per-case {config.val_patches_per_case}: the pseudo-Dice needs at least "
+                         "1 patch per validation case (2 give one centred on foreground and one anywhere).")
+    if config.window_batch_size is not None and config.window_batch_size < 1:
+        raise SystemExit(f"--window-batch-size {config.window_batch_size}: give at least 1 window per forward "
+                         "pass, or none for the default.")
+
+
+def validate_patches(model, entry: Path, patches: list[ValidationPatch], *, labels: dict[int, str],
+                     patch_size: tuple[int, ...], device: torch.device, amp_dtype: torch.dtype | None,
+                     batch_size: int, logger: RunLogger, epoch: int) -> dict:
+    """Periodic validation: the pseudo-Dice of each class over fixed validation patches, each predicted
+    in one forward pass (`engine/pseudo_dice.py`). It follows training and picks best.pt; it is not the
+    whole-volume Dice. Under torchrun every process predicts its share and the counts are summed."""
+    rank, world_size = rank_and_world_size()
+    share = read_validation_patches(entry, patches[rank::world_size], patch_size=patch_size)
+    dice = pseudo_dice(model, share, num_classes=len(labels), device=device, amp_dtype=amp_dtype,
+                       batch_size=batch_size)
+    scores = {metric_key(labels[k], "pseudo_dice"): v for k, v in dice.items()}
+    scores["pseudo_dice_mean"] = float(np.mean(list(dice.values())))
+    logger.scalars(scores, epoch, prefix="val/")
+    logger.info(f"pseudo-Dice over {len(patches)} validation patches (not whole volumes): "
+                + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return scores
+
+
 def validate(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], spacing: tuple[float, ...],
              config: Config, device: torch.device, amp_dtype: torch.dtype | None, logger: RunLogger, epoch: int,
-             save_dir: Path | None = None) -> dict:
-    """Whole-volume validation on the preprocessed grid (voxels of ``spacing`` mm): mean Dice, HD95
-    and normalised surface Dice per class over the cases.
-    Draws the first case into TensorBoard. The final validation (``save_dir`` given) mirrors when
-    ``config.tta`` and writes every prediction as NIfTI in the source image's geometry, so it
-    overlays the original CT in ITK-SNAP or 3D Slicer."""
+             save_dir: Path) -> dict:
+    """Final validation on whole volumes, on the preprocessed grid (voxels of ``spacing`` mm): mean
+    Dice, HD95 and normalised surface Dice per class over the cases.
+    Mirrors along the axes training flipped when ``config.tta``, draws the first case into
+    TensorBoard and writes every prediction to ``save_dir`` as NIfTI in the source image's geometry,
+    so it overlays the original CT in ITK-SNAP or 3D Slicer."""
     def on_prediction(case_id, image, label, prediction):
         if case_id == val_ids[0]:
             z = foreground_slice_index(label)
             logger.image(f"val/{case_id}", overlay_slice(image[0, z], label[z], prediction[z]), epoch)
-        if save_dir is not None:
-            properties = load_preprocessed_case(entry, case_id).properties
-            save_prediction(prediction, properties, save_dir / f"{case_id}.nii.gz")
+        properties = load_preprocessed_case(entry, case_id).properties
+        save_prediction(prediction, properties, save_dir / f"{case_id}.nii.gz")
 
-    if save_dir is not None:
-        save_dir.mkdir(parents=True, exist_ok=True)
+    save_dir.mkdir(parents=True, exist_ok=True)
     cases = ((case_id, case.image, case.label) for case_id in val_ids
              for case in [load_preprocessed_case(entry, case_id)])
+    mirror_axes = trained_flips(dataclasses.asdict(config.augment), 3) if config.tta else ()
     results = evaluate(model, cases, num_classes=len(labels), roi_size=config.patch, device=device,
-                       amp_dtype=amp_dtype, overlap=config.overlap, mirror_axes=(0, 1, 2) if config.tta and save_dir else (),
-                       postprocess=keep_largest_foreground if config.keep_largest else None,
+                       amp_dtype=amp_dtype, overlap=config.overlap, batch_size=config.window_batch_size,
+                       mirror_axes=mirror_axes, postprocess=keep_largest_foreground if config.keep_largest else None,
                        on_prediction=on_prediction, spacing=spacing, tolerance_mm=config.nsd_tolerance_mm)
     scores = {metric_key(labels[k]): v for k, v in results["mean"].items()}
     scores["dice_mean"] = float(np.mean(list(scores.values())))
@@ -169,6 +201,7 @@ def write_metrics(validation: dict, labels: dict[int, str], out: Path) -> None:
 
 def main(argv: list[str]) -> dict:
     config, resume = parse_config(Config, argv, __doc__, SYNTHETIC_PROFILE)
+    check_validation_settings(config)
     out, device, amp_dtype, logger = start_run(config, resume)
     rank, world_size = rank_and_world_size()  # (0, 1) unless launched by torchrun
 
@@ -199,9 +232,9 @@ def main(argv: list[str]) -> dict:
                                            config.epochs * len(loader), config.warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    start_epoch, best_dice = 0, -1.0
+    start_epoch, best_pseudo_dice = 0, -1.0
     if resume:  # every state that shapes the following steps: weights, optimizer, schedule, scaler, RNGs
-        start_epoch, best_dice = resume_training(resume, model, optimizer, scheduler, scaler, device)
+        start_epoch, best_pseudo_dice = resume_training(resume, model, optimizer, scheduler, scaler, device)
         logger.info(f"resumed from {resume} at epoch {start_epoch + 1}")
 
     train_model = model  # the plain model is what we save: its state_dict loads anywhere
@@ -209,19 +242,24 @@ def main(argv: list[str]) -> dict:
         train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if config.compile:
         train_model = torch.compile(train_model)
-    eval_model = train_model if world_size == 1 else model  # rank 0 validates alone, outside DDP
+    eval_model = train_model if world_size == 1 else model  # outside DDP: validation makes no collective calls
     if config.benchmark:  # throughput only: no validation, no checkpoints
         return benchmark_training(train_model, loader, sampler, loss_fn, optimizer, steps=config.benchmark,
                                   scheduler=scheduler, scaler=scaler, device=device, amp_dtype=amp_dtype,
                                   grad_clip=config.grad_clip, memory_format=memory_format, out=out, logger=logger)
 
     def checkpoint_state(epoch: int) -> dict:
-        return training_state(model, optimizer, scheduler, scaler, epoch, best_dice,
+        return training_state(model, optimizer, scheduler, scaler, epoch, best_pseudo_dice,
                               config=dataclasses.asdict(config), plan=plan.to_dict(), task="liver3d",
                               labels={str(k): v for k, v in dataset.labels.items()})
 
-    # Epoch loop: train, validate every val_every epochs and after the last, checkpoint every epoch.
-    validation = None
+    # Validation patches, fixed for the whole run and the same on every process; split_seed, not seed,
+    # so runs with other seeds are compared on the same patches.
+    validation_patches = draw_validation_patches(entry, val_ids, patch_size=config.patch,
+                                                 patches_per_case=config.val_patches_per_case, seed=config.split_seed)
+    window_batch_size = config.window_batch_size or default_window_batch_size(device, config.patch)
+
+    # Epoch loop: train, pseudo-Dice every val_every epochs and after the last, checkpoint every epoch.
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
         started = time.perf_counter()
@@ -233,28 +271,29 @@ def main(argv: list[str]) -> dict:
                     f"{stats['samples_per_s']:.1f} patches/s, data wait {100 * stats['data_wait_fraction']:.0f}%")
         record = {"epoch": epoch, **stats, "epoch_time_s": time.perf_counter() - started}
         last_epoch = epoch == config.epochs - 1
-        if rank == 0 and ((epoch + 1) % config.val_every == 0 or last_epoch):  # one process validates every case
-            validation = validate(eval_model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
-                                  config=config, device=device, amp_dtype=amp_dtype, logger=logger, epoch=epoch,
-                                  save_dir=out / "predictions" if last_epoch else None)
-            record.update(validation["scores"])
-            if validation["scores"]["dice_mean"] > best_dice:
-                best_dice = validation["scores"]["dice_mean"]
-                save_checkpoint(checkpoint_state(epoch), out / "best.pt")
+        if (epoch + 1) % config.val_every == 0 or last_epoch:  # every process scores its share of the patches
+            scores = validate_patches(eval_model, entry, validation_patches, labels=dataset.labels,
+                                      patch_size=config.patch, device=device, amp_dtype=amp_dtype,
+                                      batch_size=window_batch_size, logger=logger, epoch=epoch)
+            record.update(scores)
+            if scores["pseudo_dice_mean"] > best_pseudo_dice:  # the same figure on every process
+                best_pseudo_dice = scores["pseudo_dice_mean"]
+                if rank == 0:
+                    save_checkpoint(checkpoint_state(epoch), out / "best.pt")
         if rank == 0:
             save_checkpoint(checkpoint_state(epoch), out / "last.pt")
         logger.record(record)
 
-    if rank > 0:  # rank 0 writes the results
-        cleanup_distributed()
+    # Final validation of the last weights: every case whole, with surface metrics, predictions written.
+    # The other processes leave the process group first, so none waits at a collective meanwhile.
+    cleanup_distributed()
+    if rank > 0:
         return {}
-    if validation is None:  # resumed after the last epoch: nothing left to train, validate once
-        validation = validate(eval_model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
-                              config=config, device=device, amp_dtype=amp_dtype, logger=logger,
-                              epoch=config.epochs - 1, save_dir=out / "predictions")
+    validation = validate(eval_model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
+                          config=config, device=device, amp_dtype=amp_dtype, logger=logger,
+                          epoch=config.epochs - 1, save_dir=out / "predictions")
     write_metrics(validation, dataset.labels, out)
     logger.close()
-    cleanup_distributed()
     return validation["scores"]
 
 

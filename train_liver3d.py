@@ -232,9 +232,9 @@ def main(argv: list[str]) -> dict:
                                            config.epochs * len(loader), config.warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    start_epoch, best_pseudo_dice = 0, -1.0
+    start_epoch, best_dice = 0, -1.0
     if resume:  # every state that shapes the following steps: weights, optimizer, schedule, scaler, RNGs
-        start_epoch, best_pseudo_dice = resume_training(resume, model, optimizer, scheduler, scaler, device)
+        start_epoch, best_dice = resume_training(resume, model, optimizer, scheduler, scaler, device)
         logger.info(f"resumed from {resume} at epoch {start_epoch + 1}")
 
     train_model = model  # the plain model is what we save: its state_dict loads anywhere
@@ -242,19 +242,19 @@ def main(argv: list[str]) -> dict:
         train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if config.compile:
         train_model = torch.compile(train_model)
-    eval_model = train_model if world_size == 1 else model  # outside DDP: validation makes no collective calls
     if config.benchmark:  # throughput only: no validation, no checkpoints
         return benchmark_training(train_model, loader, sampler, loss_fn, optimizer, steps=config.benchmark,
                                   scheduler=scheduler, scaler=scaler, device=device, amp_dtype=amp_dtype,
                                   grad_clip=config.grad_clip, memory_format=memory_format, out=out, logger=logger)
 
     def checkpoint_state(epoch: int) -> dict:
-        return training_state(model, optimizer, scheduler, scaler, epoch, best_pseudo_dice,
+        return training_state(model, optimizer, scheduler, scaler, epoch, best_dice,
                               config=dataclasses.asdict(config), plan=plan.to_dict(), task="liver3d",
                               labels={str(k): v for k, v in dataset.labels.items()})
 
-    # Validation patches, fixed for the whole run and the same on every process; split_seed, not seed,
-    # so runs with other seeds are compared on the same patches.
+    # Validation runs the plain `model`: outside DDP it makes no collective calls, and uncompiled it
+    # traces no new graphs for eval mode. Its patches are fixed for the whole run and the same on every
+    # process; split_seed, not seed, so runs with other seeds are compared on the same patches.
     validation_patches = draw_validation_patches(entry, val_ids, patch_size=config.patch,
                                                  patches_per_case=config.val_patches_per_case, seed=config.split_seed)
     window_batch_size = config.window_batch_size or default_window_batch_size(device, config.patch)
@@ -272,12 +272,12 @@ def main(argv: list[str]) -> dict:
         record = {"epoch": epoch, **stats, "epoch_time_s": time.perf_counter() - started}
         last_epoch = epoch == config.epochs - 1
         if (epoch + 1) % config.val_every == 0 or last_epoch:  # every process scores its share of the patches
-            scores = validate_patches(eval_model, entry, validation_patches, labels=dataset.labels,
+            scores = validate_patches(model, entry, validation_patches, labels=dataset.labels,
                                       patch_size=config.patch, device=device, amp_dtype=amp_dtype,
                                       batch_size=window_batch_size, logger=logger, epoch=epoch)
             record.update(scores)
-            if scores["pseudo_dice_mean"] > best_pseudo_dice:  # the same figure on every process
-                best_pseudo_dice = scores["pseudo_dice_mean"]
+            if scores["pseudo_dice_mean"] > best_dice:  # the best pseudo-Dice, the same on every process
+                best_dice = scores["pseudo_dice_mean"]
                 if rank == 0:
                     save_checkpoint(checkpoint_state(epoch), out / "best.pt")
         if rank == 0:
@@ -289,7 +289,7 @@ def main(argv: list[str]) -> dict:
     cleanup_distributed()
     if rank > 0:
         return {}
-    validation = validate(eval_model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
+    validation = validate(model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
                           config=config, device=device, amp_dtype=amp_dtype, logger=logger,
                           epoch=config.epochs - 1, save_dir=out / "predictions")
     write_metrics(validation, dataset.labels, out)

@@ -42,7 +42,7 @@ from engine.cam import class_activation_maps, save_cam_overlay
 from engine.checkpoint import load_checkpoint
 from engine.config import parse_bool
 from engine.evaluate import predict_volume
-from engine.inference import predict_probabilities
+from engine.inference import predict_probabilities, trained_flips
 from engine.layout import resolve_memory_format, resolve_norm
 from engine.metrics import dice_per_class
 from engine.postprocess import keep_largest_foreground
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the largest connected component, as the recipe's validation does: of the "
                              "whole foreground for liver3d (tumours inside the liver survive), of each class "
                              "for atrium and lung")
+    parser.add_argument("--window-batch-size", type=int, metavar="N",
+                        help="3D only: sliding windows per forward pass (default: on a GPU about 2^23 voxels' "
+                             "worth, e.g. 4 windows of 128^3, at most 32; 2 on a CPU); lower it if the GPU runs "
+                             "out of memory")
     parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda",
                         help="auto (cuda, then mps, then cpu), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--amp", nargs="?", const=True, default=None, type=parse_bool, metavar="BOOL",
@@ -210,14 +214,6 @@ def load_weights(model: nn.Module, checkpoint: dict, path: str) -> None:
                          "The checkpoint was edited or written by another version of the script.") from None
 
 
-def trained_flips(config: dict, spatial_dims: int) -> tuple[int, ...]:
-    """Axes the model saw flipped in training: mirroring along any other axis would show it images
-    it never learned (an atrium on the wrong side)."""
-    augment = config.get("augment", {})
-    axes, chance = (("mirror_axes", "p_mirror") if spatial_dims == 3 else ("flip_axes", "p_flip"))
-    return tuple(augment.get(axes, ())) if augment.get(chance, 0) > 0 else ()
-
-
 def volume_column(name: str) -> str:
     return name.strip().lower().replace(" ", "_") + "_ml"
 
@@ -258,16 +254,17 @@ def score_case(mask: np.ndarray, image: Volume, labels_dir: Path, case_id: str, 
 def predict_segmentations(checkpoints: list[dict], paths: list[str], task: str, input_path: Path, output: Path,
                           tta: bool, keep_largest: bool, device: torch.device,
                           amp_dtype: torch.dtype | None, labels_dir: Path | None = None,
-                          tolerance_mm: float = 2.0) -> list[dict]:
+                          tolerance_mm: float = 2.0, window_batch_size: int | None = None) -> list[dict]:
     """Mask, montage and class volumes of every NIfTI case, and with ``labels_dir`` its scores;
-    returns one dict per case."""
+    returns one dict per case. ``window_batch_size``: 3D windows per forward pass, None for
+    `default_window_batch_size`."""
     spatial_dims = SEGMENTATION_TASKS[task]
     check_shared_settings(checkpoints, paths, spatial_dims)
     plan = PreprocessPlan.from_dict(checkpoints[0]["plan"])
     config = checkpoints[0]["config"]
     members = []
     for checkpoint, path in zip(checkpoints, paths):
-        flips = trained_flips(checkpoint["config"], spatial_dims) if tta else ()
+        flips = trained_flips(checkpoint["config"].get("augment", {}), spatial_dims) if tta else ()
         if tta and not flips:
             tqdm.write(f"--tta: {path} was trained without flips, so it is not mirrored")
         members.append((build_segmentation_model(checkpoint, path, spatial_dims, plan, device=device).eval(), flips))
@@ -292,7 +289,8 @@ def predict_segmentations(checkpoints: list[dict], paths: list[str], task: str, 
         image, properties = preprocess_image(volume, plan)  # (C, Z', Y', X') on the training grid
         if spatial_dims == 3:
             prediction = predict_volume(model, image, roi_size=tuple(config["patch"]), num_classes=outputs,
-                                        device=device, amp_dtype=amp_dtype, overlap=config["overlap"])
+                                        device=device, amp_dtype=amp_dtype, overlap=config["overlap"],
+                                        batch_size=window_batch_size)
         else:
             prediction = predict_volume_slicewise(model, image, axis=config["slice_axis"],
                                                   image_size=tuple(config["image_size"]), fit=config["fit"],
@@ -369,9 +367,15 @@ def predict_radiographs(checkpoints: list[dict], paths: list[str], input_path: P
 
 
 def main(argv: list[str]) -> list[dict]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.window_batch_size is not None and args.window_batch_size < 1:
+        parser.error(f"--window-batch-size {args.window_batch_size}: give at least 1 window per forward pass")
     task, checkpoints = load_checkpoints(args.checkpoint)
     device = pick_device(args.device)
+    if device.type == "cuda":
+        # Every forward has the same window shape, so cuDNN's autotuning pays off after the first.
+        torch.backends.cudnn.benchmark = True
     trained = checkpoints[0]["config"]
     amp = trained.get("amp", False) if args.amp is None else args.amp
     amp_dtype = resolve_amp_dtype(device, amp, trained.get("amp_dtype", "auto"))
@@ -383,7 +387,8 @@ def main(argv: list[str]) -> list[dict]:
     else:
         rows = predict_segmentations(checkpoints, args.checkpoint, task, input_path, output, args.tta,
                                      args.keep_largest, device, amp_dtype,
-                                     Path(args.labels) if args.labels else None, args.nsd_tolerance_mm)
+                                     Path(args.labels) if args.labels else None, args.nsd_tolerance_mm,
+                                     window_batch_size=args.window_batch_size)
     tqdm.write(f"{task}: {len(rows)} prediction(s) written to {output}")
     return rows
 

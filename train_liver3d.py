@@ -11,7 +11,8 @@ planned from the preprocessed data (models/planning.py): the U-Net's per-axis st
 from the target spacing (thick slices are not downsampled at first), the patch and depth from the
 median shape within the memory of nnU-Net's 128^3 patch at batch 2. The recipe, top to bottom:
 config -> data (preprocess once, cache) -> network plan -> model -> loss -> optimizer -> resume ->
-compile -> epoch loop (train, validate, checkpoint) -> final validation -> metrics.json.
+compile -> epoch loop (train, pseudo-Dice on fixed validation patches, checkpoint) -> final
+whole-volume validation -> metrics.json.
 """
 
 import dataclasses
@@ -36,10 +37,12 @@ from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.config import parse_config, save_config
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.evaluate import evaluate
+from engine.inference import default_window_batch_size, trained_flips
 from engine.layout import resolve_memory_format, resolve_norm
 from engine.logging import RunLogger, foreground_slice_index, overlay_slice
 from engine.optim import build_optimizer
 from engine.postprocess import keep_largest_foreground
+from engine.pseudo_dice import ValidationPatch, draw_validation_patches, pseudo_dice, read_validation_patches
 from engine.runtime import metric_key, start_run, surface_scores, worker_init
 from engine.train import train_one_epoch
 from losses import DeepSupervisionLoss, DiceCELoss
@@ -88,9 +91,11 @@ class Config:
     epochs: int = 1000  # total epochs (a resumed run continues up to this number)
     steps_per_epoch: int = 250  # iterations per epoch (nnU-Net: 250); under torchrun each process takes ceil(steps / processes)
     # validation
-    val_every: int = 50  # validate every N epochs; always after the last epoch
+    val_every: int = 50  # pseudo-Dice on fixed validation patches every N epochs and after the last (picks best.pt); whole volumes are validated once, after training
+    val_patches_per_case: int = 4  # pseudo-Dice: fixed patches per validation case, half centred on foreground
     overlap: float = 0.5  # sliding-window overlap between neighbouring windows (fraction of the patch)
-    tta: bool = False  # mirroring test-time augmentation at the final validation (8 flips in 3D: 8x slower)
+    window_batch_size: int | None = None  # windows (and pseudo-Dice patches) per forward pass at validation; none = ~2^23 voxels on a GPU (4 windows of 128^3), 2 on a CPU
+    tta: bool = False  # mirroring test-time augmentation at the final validation, along the axes training flips (augment.mirror_axes; all three: 8x slower)
     keep_largest: bool = False  # keep the largest connected foreground component (one organ, e.g. liver)
     nsd_tolerance_mm: float = 2.0  # normalised surface Dice counts boundary voxels within this distance as correct
     # hardware and reproducibility
@@ -189,29 +194,56 @@ def format_levels(levels: tuple[tuple[int, ...], ...]) -> str:
     return ";".join(",".join(str(value) for value in level) for level in levels)
 
 
+def check_validation_settings(config: Config) -> None:
+    """Stop before training, not after it, on settings the validation cannot use."""
+    if config.val_patches_per_case < 1:
+        raise SystemExit(f"--val-patches-per-case {config.val_patches_per_case}: the pseudo-Dice needs at least "
+                         "1 patch per validation case (2 give one centred on foreground and one anywhere).")
+    if config.window_batch_size is not None and config.window_batch_size < 1:
+        raise SystemExit(f"--window-batch-size {config.window_batch_size}: give at least 1 window per forward "
+                         "pass, or none for the default.")
+
+
+def validate_patches(model, entry: Path, patches: list[ValidationPatch], *, labels: dict[int, str],
+                     patch_size: tuple[int, ...], device: torch.device, amp_dtype: torch.dtype | None,
+                     batch_size: int, logger: RunLogger, epoch: int) -> dict:
+    """Periodic validation: the pseudo-Dice of each class over fixed validation patches, each predicted
+    in one forward pass (`engine/pseudo_dice.py`). It follows training and picks best.pt; it is not the
+    whole-volume Dice. Under torchrun every process predicts its share and the counts are summed."""
+    rank, world_size = rank_and_world_size()
+    share = read_validation_patches(entry, patches[rank::world_size], patch_size=patch_size)
+    dice = pseudo_dice(model, share, num_classes=len(labels), device=device, amp_dtype=amp_dtype,
+                       batch_size=batch_size)
+    scores = {metric_key(labels[k], "pseudo_dice"): v for k, v in dice.items()}
+    scores["pseudo_dice_mean"] = float(np.mean(list(dice.values())))
+    logger.scalars(scores, epoch, prefix="val/")
+    logger.info(f"pseudo-Dice over {len(patches)} validation patches (not whole volumes): "
+                + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return scores
+
+
 def validate(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], spacing: tuple[float, ...],
              config: Config, device: torch.device, amp_dtype: torch.dtype | None, logger: RunLogger, epoch: int,
-             save_dir: Path | None = None) -> dict:
-    """Whole-volume validation on the preprocessed grid (voxels of ``spacing`` mm): mean Dice, HD95
-    and normalised surface Dice per class over the cases.
-    Draws the first case into TensorBoard. The final validation (``save_dir`` given) mirrors when
-    ``config.tta`` and writes every prediction as NIfTI in the source image's geometry, so it
-    overlays the original CT in ITK-SNAP or 3D Slicer."""
+             save_dir: Path) -> dict:
+    """Final validation on whole volumes, on the preprocessed grid (voxels of ``spacing`` mm): mean
+    Dice, HD95 and normalised surface Dice per class over the cases.
+    Mirrors along the axes training flipped when ``config.tta``, draws the first case into
+    TensorBoard and writes every prediction to ``save_dir`` as NIfTI in the source image's geometry,
+    so it overlays the original CT in ITK-SNAP or 3D Slicer."""
     def on_prediction(case_id, image, label, prediction):
         if case_id == val_ids[0]:
             z = foreground_slice_index(label)
             logger.image(f"val/{case_id}", overlay_slice(image[0, z], label[z], prediction[z]), epoch)
-        if save_dir is not None:
-            properties = load_preprocessed_case(entry, case_id).properties
-            save_prediction(prediction, properties, save_dir / f"{case_id}.nii.gz")
+        properties = load_preprocessed_case(entry, case_id).properties
+        save_prediction(prediction, properties, save_dir / f"{case_id}.nii.gz")
 
-    if save_dir is not None:
-        save_dir.mkdir(parents=True, exist_ok=True)
+    save_dir.mkdir(parents=True, exist_ok=True)
     cases = ((case_id, case.image, case.label) for case_id in val_ids
              for case in [load_preprocessed_case(entry, case_id)])
+    mirror_axes = trained_flips(dataclasses.asdict(config.augment), 3) if config.tta else ()
     results = evaluate(model, cases, num_classes=len(labels), roi_size=config.patch, device=device,
-                       amp_dtype=amp_dtype, overlap=config.overlap, mirror_axes=(0, 1, 2) if config.tta and save_dir else (),
-                       postprocess=keep_largest_foreground if config.keep_largest else None,
+                       amp_dtype=amp_dtype, overlap=config.overlap, batch_size=config.window_batch_size,
+                       mirror_axes=mirror_axes, postprocess=keep_largest_foreground if config.keep_largest else None,
                        on_prediction=on_prediction, spacing=spacing, tolerance_mm=config.nsd_tolerance_mm)
     scores = {metric_key(labels[k]): v for k, v in results["mean"].items()}
     scores["dice_mean"] = float(np.mean(list(scores.values())))
@@ -238,6 +270,7 @@ def main(argv: list[str]) -> dict:
     config, resume = parse_config(Config, argv, __doc__, SYNTHETIC_PROFILE)
     if config.fg_sampling not in ("per_sample", "per_batch"):
         raise SystemExit(f"--fg-sampling {config.fg_sampling}: choose per_sample or per_batch")
+    check_validation_settings(config)
     out, device, amp_dtype, logger = start_run(config, resume)
     rank, world_size = rank_and_world_size()  # (0, 1) unless launched by torchrun
 
@@ -300,8 +333,14 @@ def main(argv: list[str]) -> dict:
                               config=dataclasses.asdict(config), plan=plan.to_dict(), task="liver3d",
                               labels={str(k): v for k, v in dataset.labels.items()})
 
-    # Epoch loop: train, validate every val_every epochs and after the last, checkpoint every epoch.
-    validation = None
+    # Validation runs the plain `model`: outside DDP it makes no collective calls, and uncompiled it
+    # traces no new graphs for eval mode. Its patches are fixed for the whole run and the same on every
+    # process; split_seed, not seed, so runs with other seeds are compared on the same patches.
+    validation_patches = draw_validation_patches(entry, val_ids, patch_size=config.patch,
+                                                 patches_per_case=config.val_patches_per_case, seed=config.split_seed)
+    window_batch_size = config.window_batch_size or default_window_batch_size(device, config.patch)
+
+    # Epoch loop: train, pseudo-Dice every val_every epochs and after the last, checkpoint every epoch.
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch)
         started = time.perf_counter()
@@ -313,28 +352,29 @@ def main(argv: list[str]) -> dict:
                     f"{stats['samples_per_s']:.1f} patches/s, data wait {100 * stats['data_wait_fraction']:.0f}%")
         record = {"epoch": epoch, **stats, "epoch_time_s": time.perf_counter() - started}
         last_epoch = epoch == config.epochs - 1
-        if rank == 0 and ((epoch + 1) % config.val_every == 0 or last_epoch):  # one process validates every case
-            validation = validate(model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
-                                  config=config, device=device, amp_dtype=amp_dtype, logger=logger, epoch=epoch,
-                                  save_dir=out / "predictions" if last_epoch else None)
-            record.update(validation["scores"])
-            if validation["scores"]["dice_mean"] > best_dice:
-                best_dice = validation["scores"]["dice_mean"]
-                save_checkpoint(checkpoint_state(epoch), out / "best.pt")
+        if (epoch + 1) % config.val_every == 0 or last_epoch:  # every process scores its share of the patches
+            scores = validate_patches(model, entry, validation_patches, labels=dataset.labels,
+                                      patch_size=config.patch, device=device, amp_dtype=amp_dtype,
+                                      batch_size=window_batch_size, logger=logger, epoch=epoch)
+            record.update(scores)
+            if scores["pseudo_dice_mean"] > best_dice:  # the best pseudo-Dice, the same on every process
+                best_dice = scores["pseudo_dice_mean"]
+                if rank == 0:
+                    save_checkpoint(checkpoint_state(epoch), out / "best.pt")
         if rank == 0:
             save_checkpoint(checkpoint_state(epoch), out / "last.pt")
         logger.record(record)
 
-    if rank > 0:  # rank 0 writes the results
-        cleanup_distributed()
+    # Final validation of the last weights: every case whole, with surface metrics, predictions written.
+    # The other processes leave the process group first, so none waits at a collective meanwhile.
+    cleanup_distributed()
+    if rank > 0:
         return {}
-    if validation is None:  # resumed after the last epoch: nothing left to train, validate once
-        validation = validate(model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
-                              config=config, device=device, amp_dtype=amp_dtype, logger=logger,
-                              epoch=config.epochs - 1, save_dir=out / "predictions")
+    validation = validate(model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
+                          config=config, device=device, amp_dtype=amp_dtype, logger=logger,
+                          epoch=config.epochs - 1, save_dir=out / "predictions")
     write_metrics(validation, dataset.labels, out)
     logger.close()
-    cleanup_distributed()
     return validation["scores"]
 
 

@@ -123,8 +123,8 @@ def measure_sliding_window(volume, roi: int, repeats: int, notes: list[str]) -> 
     def softmax_model(batch: torch.Tensor) -> torch.Tensor:
         return torch.softmax(model(batch), dim=1)
 
-    runs = {"ours (engine.inference)": lambda: sliding_window_inference(image, model, roi_size, num_classes=3,
-                                                                       overlap=0.5, batch_size=2)}
+    runs = {"ours (engine.inference)": lambda: sliding_window_inference(image, model, roi_size=roi_size,
+                                                                       num_classes=3, overlap=0.5, batch_size=2)}
     try:
         from monai.inferers import sliding_window_inference as monai_sliding_window
 

@@ -6,19 +6,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.inference import sliding_window_inference
+from engine.inference import default_window_batch_size, sliding_window_inference
 from engine.metrics import dice_per_class
 from engine.surface_metrics import mean_surface_metrics, surface_metrics_per_class
 
 
 def predict_volume(model, image: np.ndarray, *, roi_size: tuple[int, ...], num_classes: int,
                    device: torch.device, amp_dtype: torch.dtype | None, overlap: float = 0.5,
-                   batch_size: int = 2, mirror_axes: tuple[int, ...] = ()) -> np.ndarray:
+                   batch_size: int | None = None, mirror_axes: tuple[int, ...] = ()) -> np.ndarray:
     """Label map of one preprocessed volume.
 
     Args:
-        image: (C, *spatial) float32 on the preprocessed grid.
+        image: (C, *spatial) float32 on the preprocessed grid (e.g. a memory map, read once).
         amp_dtype: autocast dtype, None for full precision.
+        batch_size: windows per forward pass; None for `default_window_batch_size`.
     Returns:
         (*spatial) uint8 class indices (for a single-logit model: probability > 0.5).
     """
@@ -26,30 +27,25 @@ def predict_volume(model, image: np.ndarray, *, roi_size: tuple[int, ...], num_c
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             return model(windows)
 
-    probabilities = sliding_window_inference(
-        torch.tensor(np.asarray(image, dtype=np.float32)), predict, roi_size, num_classes,
-        overlap=overlap, batch_size=batch_size, device=device,
-        accumulate_device=_accumulation_device(image.shape[1:], num_classes, device),
-        mirror_axes=mirror_axes)
-    if num_classes == 1:
-        return (probabilities[0] > 0.5).to(torch.uint8).cpu().numpy()
-    return probabilities.argmax(0).to(torch.uint8).cpu().numpy()
-
-
-def _accumulation_device(spatial_shape, num_classes: int, device: torch.device) -> torch.device:
-    """Accumulate on the GPU when the float32 buffers (probabilities + weights) take under a
-    quarter of its free memory, else in host memory: a 512x512x900 CT with 3 classes is ~4 GB."""
-    if device.type != "cuda":
-        return device
-    needed = 4 * (num_classes + 1) * int(np.prod(spatial_shape))
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if needed < free / 4 else torch.device("cpu")
+    if batch_size is None:
+        batch_size = default_window_batch_size(device, roi_size)
+    try:
+        probabilities = sliding_window_inference(image, predict, roi_size=roi_size, num_classes=num_classes,
+                                                 overlap=overlap, batch_size=batch_size, device=device,
+                                                 mirror_axes=mirror_axes)
+        if num_classes == 1:
+            return (probabilities[0] > 0.5).to(torch.uint8).cpu().numpy()
+        return probabilities.argmax(0).to(torch.uint8).cpu().numpy()
+    except torch.OutOfMemoryError as error:
+        raise SystemExit(f"Out of {device} memory predicting a volume of {tuple(image.shape)} in batches of "
+                         f"{batch_size} windows of {tuple(roi_size)}: lower the window batch size "
+                         f"(--window-batch-size), or turn on --amp. ({error})") from error
 
 
 @torch.inference_mode()
 def evaluate(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], *, num_classes: int,
              roi_size: tuple[int, ...], device: torch.device, amp_dtype: torch.dtype | None,
-             overlap: float = 0.5, batch_size: int = 2, mirror_axes: tuple[int, ...] = (),
+             overlap: float = 0.5, batch_size: int | None = None, mirror_axes: tuple[int, ...] = (),
              postprocess: Callable | None = None, on_prediction: Callable | None = None,
              spacing: Sequence[float] | None = None, tolerance_mm: float = 2.0, progress: bool = True) -> dict:
     """Predict every validation case whole and score it.
@@ -57,6 +53,9 @@ def evaluate(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], *, num_
     Args:
         cases: (case_id, image (C, *spatial), label (*spatial)) on the preprocessed grid.
         num_classes: number of model outputs (background included).
+        batch_size: windows per forward pass; None for `default_window_batch_size`.
+        mirror_axes: spatial axes to mirror for test-time augmentation (`trained_flips` gives the
+            axes the model was trained to flip).
         postprocess: applied to each predicted label map before scoring, e.g. ``keep_largest_foreground``.
         on_prediction: called as ``on_prediction(case_id, image, label, prediction)``, e.g. to save
             the prediction or draw an overlay.

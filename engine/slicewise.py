@@ -22,7 +22,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from data.augment2d import SpatialTransform2D, fit_scale, make_coordinate_map_2d
-from engine.inference import sliding_window_inference
+from engine.inference import copy_to_device, sliding_window_inference
 from engine.logging import overlay_slice
 from engine.metrics import dice_per_class
 from engine.surface_metrics import mean_surface_metrics, surface_metrics_per_class
@@ -77,12 +77,13 @@ def predict_volume_slicewise(model, image: np.ndarray, *, axis: int, image_size:
     fill = volume.transpose(0, 1).flatten(1).amin(1).to(device)  # (C,) each channel's background value
     predicted = []
     for first in range(0, len(volume), batch_size):
-        slices = volume[first:first + batch_size].to(device)
+        slices = copy_to_device(volume[first:first + batch_size], device)
         if fit == "resize":
             probabilities = _resize_probabilities(predict, slices, image_size, num_classes, fill)
         else:
-            probabilities = torch.stack([sliding_window_inference(one, predict, image_size, num_classes,
-                                                                  overlap=0.25, batch_size=batch_size)
+            probabilities = torch.stack([sliding_window_inference(one, predict, roi_size=image_size,
+                                                                  num_classes=num_classes, overlap=0.25,
+                                                                  batch_size=batch_size)
                                          for one in slices])
         if num_classes == 1:
             predicted.append((probabilities[:, 0] > 0.5).to(torch.uint8).cpu())

@@ -210,6 +210,28 @@ def test_volumes_are_voxel_counts_times_the_source_voxel_volume(liver_checkpoint
     assert float(row["cancer_ml"]) == pytest.approx(np.count_nonzero(mask == 2) * voxel_ml, abs=1e-9)
 
 
+def test_window_batch_size_sets_the_windows_per_forward_pass(liver_checkpoint, cache_dir, tmp_path, monkeypatch):
+    forward = predict.ProbabilityAverage.forward
+    windows_per_forward = []
+
+    def counting_forward(self, image):
+        windows_per_forward.append(image.shape[0])
+        return forward(self, image)
+
+    monkeypatch.setattr(predict.ProbabilityAverage, "forward", counting_forward)
+    scan = oblique_scan(cache_dir, "LiverPhantom", np.s_[:, :, :], np.diag([-16.0, -16.0, 2.5, 1]),
+                        tmp_path / "in" / "ct_5.nii.gz")
+    arguments = ["--checkpoint", str(liver_checkpoint), "--input", str(scan), "--output", str(tmp_path / "out"),
+                 "--device", "cpu"]
+    predict.main([*arguments, "--window-batch-size", "3"])
+    assert len(windows_per_forward) > 1 and max(windows_per_forward) == 3
+    windows_per_forward.clear()
+    predict.main(arguments)  # the CPU default
+    assert max(windows_per_forward) == 2
+    with pytest.raises(SystemExit):
+        predict.main([*arguments, "--window-batch-size", "0"])
+
+
 def test_probability_average_is_the_mean_of_softmax_and_of_mirrored_sigmoids():
     torch.manual_seed(0)
     image = torch.randn(2, 1, 9, 11)
@@ -254,7 +276,8 @@ def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         predict.main(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--checkpoint", "--input", "--output", "--tta", "--keep-largest", "--device", "--amp"):
+    for flag in ("--checkpoint", "--input", "--output", "--tta", "--keep-largest", "--window-batch-size", "--device",
+                 "--amp"):
         assert flag in text
     assert "python predict.py --checkpoint" in text
 

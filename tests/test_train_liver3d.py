@@ -63,6 +63,31 @@ def test_resume_continues_the_same_loss_curve_and_runs_repeat(tmp_path, cache_di
     assert all(np.isfinite(v) and (k.startswith("hd95") or 0 <= v <= 1) for k, v in full.items())
 
 
+def test_periodic_validation_is_the_pseudo_dice_and_the_final_one_writes_the_results(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    metrics = run(out, cache_dir, "--epochs", "2", "--val-patches-per-case", "3")
+    log = read_log(out)
+    # Every epoch (--val-every 1) logs the pseudo-Dice, never a whole-volume figure under its name.
+    assert all({"pseudo_dice_liver", "pseudo_dice_cancer", "pseudo_dice_mean"} <= set(r) for r in log)
+    assert not any(key.startswith(("dice_", "hd95_", "nsd_")) for r in log for key in r)
+    assert load_checkpoint(out / "best.pt")["best_metric"] == max(r["pseudo_dice_mean"] for r in log)
+    # The final validation: whole volumes, surface metrics, per-case table, predictions.
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert {"dice_liver", "hd95_liver", "nsd_liver", "dice_mean"} <= set(metrics)
+    rows = (out / "dice_per_case.csv").read_text().splitlines()
+    predictions = sorted(path.name for path in (out / "predictions").glob("*.nii.gz"))
+    assert len(rows) == 1 + len(predictions) and len(predictions) >= 1
+    assert rows[0].startswith("case,dice_liver,dice_cancer,hd95_liver")
+
+
+def test_unusable_validation_settings_stop_before_training(tmp_path, cache_dir):
+    with pytest.raises(SystemExit, match="val-patches-per-case 0"):
+        run(tmp_path / "a", cache_dir, "--val-patches-per-case", "0")
+    with pytest.raises(SystemExit, match="window-batch-size 0"):
+        run(tmp_path / "b", cache_dir, "--window-batch-size", "0")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_existing_run_is_not_overwritten(tmp_path, cache_dir):
     run(tmp_path / "run", cache_dir, "--epochs", "1")
     with pytest.raises(SystemExit, match="already holds a run"):
@@ -172,10 +197,11 @@ def test_a_checkpoint_from_before_planned_networks_resumes_with_its_uniform_netw
 def test_compiled_training_traces_no_graph_after_its_first_epoch(tmp_path, cache_dir, count_compiled_graphs):
     # Validation (no grad, eval mode, the last window batch of 1, mirrored windows) runs the plain
     # model; through the compiled one it traced a graph for each change.
-    counts = count_compiled_graphs(train_liver3d, "train_one_epoch", "validate")
+    counts = count_compiled_graphs(train_liver3d, "train_one_epoch", "validate_patches", "validate")
     run(tmp_path / "run", cache_dir, "--compile", "--epochs", "2", "--steps-per-epoch", "2")
     traced = counts["train_one_epoch"][0]
-    assert traced > 0 and counts == {"train_one_epoch": [traced] * 2, "validate": [traced] * 2}
+    assert traced > 0 and counts == {"train_one_epoch": [traced] * 2, "validate_patches": [traced] * 2,
+                                     "validate": [traced]}
 
 
 @pytest.mark.slow
@@ -205,6 +231,37 @@ def test_torchrun_three_cpu_processes_step_together_and_rank_zero_alone_writes(t
     model.load_state_dict(checkpoint["model"])  # strict: every key of a plain UNet, none of DDP's
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["dice_liver"] <= 1 and (out / "best.pt").is_file()
+    # Both processes scored their share of the validation patches each epoch (a rank that skipped the
+    # all-reduce would have left the other waiting); rank 0 then validated the whole volumes alone.
+    assert all(0 <= r["pseudo_dice_mean"] <= 1 for r in read_log(out))
+    assert finished.stdout.count("pseudo-Dice over") == 2
+    assert (out / "dice_per_case.csv").is_file() and list((out / "predictions").glob("*.nii.gz"))
+
+
+def test_final_validation_mirrors_only_along_the_axes_training_flipped(tmp_path, monkeypatch):
+    # Trained with left-right flips only: mirroring along z or y at validation would show the model
+    # images it never saw in training.
+    import torch
+
+    from data.augment3d import Augment3DConfig
+    from engine.logging import RunLogger
+
+    calls = []
+
+    def recording_evaluate(model, cases, **settings):
+        calls.append(settings)
+        return {"per_case": {}, "mean": {1: 0.5}, "surface_per_case": {},
+                "surface_mean": {1: {"hd95_mm": 1.0, "nsd": 0.5}}}
+
+    monkeypatch.setattr(train_liver3d, "evaluate", recording_evaluate)
+    labels = {0: "background", 1: "liver"}
+    settings = dict(labels=labels, spacing=(1.0, 1.0, 1.0), device=torch.device("cpu"), amp_dtype=None,
+                    logger=RunLogger(tmp_path, active=False), epoch=0, save_dir=tmp_path / "predictions")
+    for augment, tta in [(Augment3DConfig(mirror_axes=(2,)), True), (Augment3DConfig(p_mirror=0.0), True),
+                         (Augment3DConfig(), False), (Augment3DConfig(), True)]:
+        config = train_liver3d.Config(tta=tta, augment=augment)
+        train_liver3d.validate(None, tmp_path, ["liver_0"], config=config, **settings)
+    assert [call["mirror_axes"] for call in calls] == [(2,), (), (), (0, 1, 2)]
 
 
 class Silent:

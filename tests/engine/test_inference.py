@@ -4,7 +4,21 @@ import numpy as np
 import pytest
 import torch
 
-from engine.inference import gaussian_importance_map, sliding_window_inference, window_starts
+from engine.inference import (
+    available_memory,
+    copy_to_device,
+    default_window_batch_size,
+    gaussian_importance_map,
+    pad_to_roi,
+    place_buffers,
+    predict_probabilities,
+    sliding_window_inference,
+    trained_flips,
+    window_starts,
+)
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+GIB = 2**30
 
 
 def pointwise_model(spatial_dims, in_channels, num_classes, seed=0):
@@ -158,3 +172,145 @@ def test_unet_as_predict_with_one_window_equals_its_forward():
 def test_wrong_predict_output_shape_is_reported():
     with pytest.raises(ValueError, match="predict returned"):
         sliding_window_inference(torch.randn(1, 9, 9), lambda batch: batch, roi_size=(4, 4), num_classes=3)
+
+
+def previous_sliding_window_inference(image, predict, roi_size, num_classes, overlap=0.5, batch_size=2,
+                                      gaussian=True, device=None, accumulate_device=None, mirror_axes=()):
+    """The implementation before the volume moved to the device, kept verbatim as the reference:
+    windows stacked on the host and copied batch by batch."""
+    image = torch.as_tensor(np.array(image, dtype=np.float32)) if isinstance(image, np.ndarray) else image.float()
+    device = torch.device(device) if device is not None else image.device
+    accumulate_device = torch.device(accumulate_device) if accumulate_device is not None else device
+    with torch.inference_mode():
+        padded, region = pad_to_roi(image, roi_size)
+        spatial = padded.shape[1:]
+        if gaussian:
+            weight = gaussian_importance_map(roi_size).to(accumulate_device)
+        else:
+            weight = torch.ones(tuple(roi_size), device=accumulate_device)
+        probability_sum = torch.zeros((num_classes, *spatial), dtype=torch.float32, device=accumulate_device)
+        weight_sum = torch.zeros(tuple(spatial), dtype=torch.float32, device=accumulate_device)
+        starts_per_axis = [window_starts(size, roi, overlap) for size, roi in zip(spatial, roi_size)]
+        windows = [
+            tuple(slice(start, start + roi) for start, roi in zip(starts, roi_size))
+            for starts in itertools.product(*starts_per_axis)
+        ]
+        for first in range(0, len(windows), batch_size):
+            batch_windows = windows[first : first + batch_size]
+            batch = torch.stack([padded[(slice(None), *window)] for window in batch_windows])
+            probabilities = predict_probabilities(predict, batch.to(device), num_classes, mirror_axes)
+            probabilities = probabilities.to(accumulate_device)
+            for window, window_probabilities in zip(batch_windows, probabilities):
+                probability_sum[(slice(None), *window)] += window_probabilities * weight
+                weight_sum[window] += weight
+        probabilities = probability_sum / weight_sum
+        return probabilities[(slice(None), *region)].contiguous()
+
+
+def contextual_model(spatial_dims, in_channels, num_classes, device):
+    """3x3(x3) convolutions: each output voxel sees its neighbours and the zero padding at the window
+    border, so the result depends on the tiling, and nothing is symmetric under flips."""
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d if spatial_dims == 2 else torch.nn.Conv3d
+    model = torch.nn.Sequential(conv(in_channels, 5, kernel_size=3, padding=1), torch.nn.ReLU(),
+                                conv(5, num_classes, kernel_size=3, padding=1))
+    return model.to(device).eval()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 7])
+@pytest.mark.parametrize("image_on_device", [True, False])
+@pytest.mark.parametrize("accumulate_on_device", [True, False])
+@pytest.mark.parametrize("mirror", [False, True])
+@pytest.mark.parametrize("shape, roi_size, num_classes", [
+    ((2, 11, 14, 9), (6, 9, 5), 3),  # odd sizes, three windows per axis
+    ((1, 5, 12, 7), (8, 8, 8), 2),  # smaller than the window along two axes
+    ((1, 37, 29), (16, 9), 1),  # 2D, one sigmoid logit
+    ((2, 7, 30), (9, 8), 3),  # 2D, smaller than the window along the first axis
+])
+def test_matches_the_previous_implementation_for_every_setting(device, batch_size, image_on_device,
+                                                                 accumulate_on_device, mirror, shape, roi_size,
+                                                                 num_classes):
+    spatial_dims = len(roi_size)
+    model = contextual_model(spatial_dims, shape[0], num_classes, device)
+    image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    mirror_axes = tuple(range(spatial_dims)) if mirror else ()
+    host = torch.device("cpu")
+    expected = previous_sliding_window_inference(image, model, roi_size, num_classes, batch_size=batch_size,
+                                                 device=device, accumulate_device=host, mirror_axes=mirror_axes)
+    probabilities = sliding_window_inference(
+        image, model, roi_size=roi_size, num_classes=num_classes, batch_size=batch_size, device=device,
+        image_device=device if image_on_device else host, accumulate_device=device if accumulate_on_device else host,
+        mirror_axes=mirror_axes)
+    assert probabilities.shape == (num_classes, *shape[1:])
+    assert probabilities.device.type == (device if accumulate_on_device else "cpu")
+    torch.testing.assert_close(probabilities.cpu(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensor_input_and_automatic_placement_match_the_previous_implementation(device):
+    model = contextual_model(3, 1, 3, device)
+    image = torch.randn(1, 23, 17, 20)
+    expected = previous_sliding_window_inference(image, model, (9, 9, 9), 3, batch_size=3, device=device)
+    probabilities = sliding_window_inference(image, model, roi_size=(9, 9, 9), num_classes=3, batch_size=3,
+                                             device=device)
+    torch.testing.assert_close(probabilities.cpu(), expected.cpu(), rtol=0, atol=1e-5)
+
+
+def test_place_buffers_puts_the_sums_first_and_keeps_half_for_the_forward_passes():
+    # A 500x512x512 CT with 3 classes: 2 GiB of sums (probabilities + weights), 0.5 GiB of image.
+    voxels = 500 * 512 * 512
+    sizes = dict(image_bytes=4 * voxels, accumulator_bytes=4 * 4 * voxels)
+    assert place_buffers(**sizes, available_bytes=40 * GIB) == (True, True)
+    assert place_buffers(**sizes, available_bytes=5 * GIB) == (True, True)  # 2.5 GiB of buffers in 5
+    assert place_buffers(**sizes, available_bytes=4.5 * GIB) == (True, False)
+    assert place_buffers(**sizes, available_bytes=4 * GIB) == (True, False)  # the sums alone fill the half
+    assert place_buffers(**sizes, available_bytes=3 * GIB) == (False, True)
+    assert place_buffers(**sizes, available_bytes=GIB // 2) == (False, False)
+
+
+def test_available_memory_counts_what_pytorch_holds_reserved_but_unused(monkeypatch):
+    # After training, PyTorch's cache holds most of an 80 GB GPU: the driver reports 2 GiB free, yet
+    # 40 GiB of the 60 GiB reserved are unused and can take the sums of a big CT.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 60 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * GIB)
+    available = available_memory(torch.device("cuda"))
+    assert available == 42 * GIB
+    voxels = 500 * 512 * 512
+    assert place_buffers(image_bytes=4 * voxels, accumulator_bytes=16 * voxels, available_bytes=available) == (
+        True, True)
+    # The driver's figure alone would have sent the sums to host memory.
+    accumulate_on_device, _ = place_buffers(image_bytes=4 * voxels, accumulator_bytes=16 * voxels,
+                                            available_bytes=2 * GIB)
+    assert not accumulate_on_device
+
+
+def test_default_window_batch_size_fills_a_gpu_and_stays_small_on_a_cpu():
+    cuda = torch.device("cuda")
+    assert default_window_batch_size(torch.device("cpu"), (128, 128, 128)) == 2
+    assert default_window_batch_size(torch.device("cpu"), (16, 16)) == 2
+    assert default_window_batch_size(cuda, (128, 128, 128)) == 4
+    assert default_window_batch_size(cuda, (96, 96, 96)) == 9
+    assert default_window_batch_size(cuda, (64, 64, 64)) == 32
+    assert default_window_batch_size(cuda, (512, 512)) == 32
+    assert default_window_batch_size(cuda, (256, 256, 256)) == 1
+
+
+def test_copy_to_device_leaves_a_tensor_already_there_alone():
+    tensor = torch.randn(3, 5)
+    assert copy_to_device(tensor, torch.device("cpu")) is tensor
+
+
+def test_batch_size_below_one_is_reported():
+    with pytest.raises(ValueError, match="batch_size"):
+        sliding_window_inference(torch.randn(1, 9, 9), lambda batch: batch, roi_size=(4, 4), num_classes=1,
+                                 batch_size=0)
+
+
+def test_trained_flips_are_the_axes_training_mirrored():
+    assert trained_flips({"mirror_axes": [0, 1, 2], "p_mirror": 0.5}, 3) == (0, 1, 2)
+    assert trained_flips({"mirror_axes": [2], "p_mirror": 0.5}, 3) == (2,)
+    assert trained_flips({"mirror_axes": [0, 1, 2], "p_mirror": 0.0}, 3) == ()
+    assert trained_flips({"flip_axes": [1], "p_flip": 0.5}, 2) == (1,)
+    assert trained_flips({}, 2) == ()

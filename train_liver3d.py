@@ -24,11 +24,12 @@ from torch.nn.parallel import DistributedDataParallel
 from data.augment3d import Augment3DConfig
 from data.msd import read_msd_dataset
 from data.patches import EpochSampler, PatchDataset
-from data.preprocess import load_preprocessed_case, plan_preprocessing, preprocess_dataset, save_prediction
+from data.preprocess import PreprocessPlan, load_preprocessed_case, plan_preprocessing, preprocess_dataset, \
+    save_prediction
 from data.splits import split_cases
 from data.synthetic.liver import ensure_liver_phantom
 from engine.benchmark import benchmark_training
-from engine.checkpoint import resume_training, save_checkpoint, training_state
+from engine.checkpoint import load_checkpoint, resume_training, save_checkpoint, training_state
 from engine.config import parse_config
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.evaluate import evaluate
@@ -101,8 +102,12 @@ SYNTHETIC_PROFILE = dict(
     keep_largest=True, tta=True, workers=1)
 
 
-def prepare_data(config: Config, logger: RunLogger):
-    """Read the task folder (or generate the phantom), split by case, preprocess once into the cache."""
+def prepare_data(config: Config, logger: RunLogger, *, resume: str | None = None):
+    """Read the task folder (or generate the phantom), split by case, preprocess once into the cache.
+
+    A later start plans from the cached fingerprints and opens no scan unless one changed; a resumed
+    run (``resume``, its checkpoint) keeps the plan its weights were trained with, whatever changed.
+    """
     cache_dir = Path(config.cache_dir)
     if config.data_dir is None:
         data_dir = ensure_liver_phantom(cache_dir / "synthetic", num_cases=config.synthetic_cases,
@@ -113,9 +118,13 @@ def prepare_data(config: Config, logger: RunLogger):
     case_ids = [case.case_id for case in dataset.cases]
     train_ids, val_ids = split_cases(case_ids, config.val_fraction, config.split_seed, config.fold)
     # Intensity statistics come from all labelled cases, as in nnU-Net, so every fold shares one cache.
-    workers = max(config.workers, 1)
-    plan = plan_preprocessing(dataset, case_ids, target_spacing=config.spacing, workers=workers)
-    entry = preprocess_dataset(dataset, plan, cache_dir, case_ids, workers=workers)
+    # Without --workers preprocessing keeps its own default: a full-resolution CT takes a few GB per process.
+    if resume:  # the plan the weights were trained with
+        plan = PreprocessPlan.from_dict(load_checkpoint(resume)["plan"])
+    else:
+        plan = plan_preprocessing(dataset, case_ids, cache_dir=cache_dir, target_spacing=config.spacing,
+                                  workers=config.workers)
+    entry = preprocess_dataset(dataset, plan, cache_dir, case_ids, workers=config.workers)
     logger.info(f"{dataset.name}: {len(train_ids)} training / {len(val_ids)} validation cases, "
                 f"{len(dataset.modality)} channel(s), classes {dataset.labels}, "
                 f"spacing {plan.target_spacing} mm, cache {entry}")
@@ -175,7 +184,7 @@ def main(argv: list[str]) -> dict:
     # Data: patches drawn from the memory-mapped cache; the sampler hands (epoch, index) keys to the
     # workers, so every patch is reproducible whatever the number of workers or a resume.
     with main_process_first():  # under torchrun rank 0 fills the cache, the others then read it
-        dataset, plan, entry, train_ids, val_ids = prepare_data(config, logger)
+        dataset, plan, entry, train_ids, val_ids = prepare_data(config, logger, resume=resume)
     train_data = PatchDataset(entry, train_ids, config.patch, config.steps_per_epoch * config.batch_size,
                               config.fg_prob, config.augment, config.seed)
     sampler = EpochSampler(len(train_data), num_replicas=world_size, rank=rank)

@@ -17,12 +17,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data.intensity import ct_window_statistics
 from data.msd import DatasetError, read_msd_dataset
-from data.preprocess import load_preprocessed_case, plan_preprocessing, preprocess_dataset, save_prediction
+from data.preprocess import PreprocessPlan, load_preprocessed_case, plan_preprocessing, preprocess_dataset, \
+    save_prediction
 from data.samplers import WeightedSliceSampler
 from data.slices import SliceDataset
 from data.splits import split_cases
 from engine.benchmark import benchmark_training
-from engine.checkpoint import resume_training, save_checkpoint, training_state
+from engine.checkpoint import load_checkpoint, resume_training, save_checkpoint, training_state
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.logging import RunLogger
 from engine.optim import build_optimizer
@@ -37,11 +38,15 @@ LOSSES = ("dice", "bce", "bce_dice")
 
 def prepare_volumes(data_dir: str | None, make_phantom: Callable[[Path], Path], cache_dir: str,
                     val_fraction: float, split_seed: int, fold: int | None, spacing: tuple[float, ...] | None,
-                    hu_window: tuple[float, ...] | None, workers: int, logger: RunLogger):
+                    hu_window: tuple[float, ...] | None, workers: int | None, logger: RunLogger, *,
+                    resume: str | None = None):
     """Read the task folder (or generate the phantom), split by case, preprocess once into the cache.
 
     MRI channels are z-scored per volume; CT channels get the foundation's foreground statistics or,
-    with `hu_window` (lower, upper), that fixed Hounsfield window mapped onto [-1, 1].
+    with `hu_window` (lower, upper), that fixed Hounsfield window mapped onto [-1, 1]. A later start
+    plans from the cached fingerprints and opens no scan unless one changed; a resumed run (`resume`,
+    its checkpoint) keeps the plan its weights were trained with. `workers` none: preprocessing's own
+    default (a full-resolution CT takes a few GB per process).
 
     Returns:
         dataset, plan, cache entry, training case ids, validation case ids.
@@ -52,14 +57,17 @@ def prepare_volumes(data_dir: str | None, make_phantom: Callable[[Path], Path], 
     case_ids = [case.case_id for case in dataset.cases]
     train_ids, val_ids = split_cases(case_ids, val_fraction, split_seed, fold)
     # Intensity statistics come from all labelled cases, as in train_liver3d.py, so folds share a cache.
-    plan = plan_preprocessing(dataset, case_ids, target_spacing=spacing, workers=max(workers, 1))
-    if hu_window is not None:
-        if "ct" not in plan.channel_schemes:
-            raise DatasetError(f"--hu-window needs a CT channel; {dataset.name} has {dataset.modality}.")
-        statistics = [ct_window_statistics(*hu_window) if scheme == "ct" else values
-                      for scheme, values in zip(plan.channel_schemes, plan.channel_statistics)]
-        plan = dataclasses.replace(plan, channel_statistics=statistics)
-    entry = preprocess_dataset(dataset, plan, cache_dir, case_ids, workers=max(workers, 1))
+    if resume:  # the plan the weights were trained with, its HU window included
+        plan = PreprocessPlan.from_dict(load_checkpoint(resume)["plan"])
+    else:
+        plan = plan_preprocessing(dataset, case_ids, cache_dir=cache_dir, target_spacing=spacing, workers=workers)
+        if hu_window is not None:
+            if "ct" not in plan.channel_schemes:
+                raise DatasetError(f"--hu-window needs a CT channel; {dataset.name} has {dataset.modality}.")
+            statistics = [ct_window_statistics(*hu_window) if scheme == "ct" else values
+                          for scheme, values in zip(plan.channel_schemes, plan.channel_statistics)]
+            plan = dataclasses.replace(plan, channel_statistics=statistics)
+    entry = preprocess_dataset(dataset, plan, cache_dir, case_ids, workers=workers)
     logger.info(f"{dataset.name}: {len(train_ids)} training / {len(val_ids)} validation cases, "
                 f"{len(dataset.modality)} channel(s) {dataset.modality}, classes {dataset.labels}, "
                 f"spacing {plan.target_spacing} mm, cache {entry}")
@@ -173,7 +181,7 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
     with main_process_first():  # under torchrun rank 0 fills the cache, the others then read it
         dataset, plan, entry, train_ids, val_ids = prepare_volumes(
             config.data_dir, make_phantom, config.cache_dir, config.val_fraction, config.split_seed, config.fold,
-            config.spacing, hu_window, config.workers, logger)
+            config.spacing, hu_window, config.workers, logger, resume=resume)
     train_data = SliceDataset(entry, train_ids, config.slice_axis, config.image_size, config.fit, config.augment,
                               config.seed)
     sampler = WeightedSliceSampler(train_data.slice_has_foreground, config.samples_per_epoch,

@@ -36,7 +36,8 @@ from engine.evaluate import evaluate
 from engine.logging import RunLogger, foreground_slice_index, overlay_slice
 from engine.optim import build_optimizer
 from engine.postprocess import keep_largest_foreground
-from engine.runtime import metric_key, start_run, surface_scores, worker_init
+from engine.loader import build_loader
+from engine.runtime import metric_key, start_run, surface_scores
 from engine.train import train_one_epoch
 from losses import DeepSupervisionLoss, DiceCELoss
 from models import UNet
@@ -88,7 +89,7 @@ class Config:
     amp_dtype: str = "auto"  # auto, fp16 or bf16
     compile: bool = False  # torch.compile the model (slow start, faster steps on GPU)
     benchmark: int = 0  # N > 0: time N training steps (steps/s, samples/s, data wait, first step, peak memory) and stop; no validation or checkpoints
-    workers: int = 4  # DataLoader processes preparing patches (0 = in the main process)
+    workers: int | None = None  # DataLoader processes preparing patches, per training process (0 = in it); none = its share of the cores available, less one
     seed: int = 0  # seeds weights, sampling and augmentation; same seed and workers -> same numbers
     deterministic: bool = False  # force deterministic kernels on CUDA (slower; CPU runs are deterministic anyway)
 
@@ -178,7 +179,7 @@ def write_metrics(validation: dict, labels: dict[int, str], out: Path) -> None:
 
 def main(argv: list[str]) -> dict:
     config, resume = parse_config(Config, argv, __doc__, SYNTHETIC_PROFILE)
-    out, device, amp_dtype, logger = start_run(config, resume)
+    out, device, amp_dtype, workers, logger = start_run(config, resume)
     rank, world_size = rank_and_world_size()  # (0, 1) unless launched by torchrun
 
     # Data: patches drawn from the memory-mapped cache; the sampler hands (epoch, index) keys to the
@@ -188,10 +189,7 @@ def main(argv: list[str]) -> dict:
     train_data = PatchDataset(entry, train_ids, config.patch, config.steps_per_epoch * config.batch_size,
                               config.fg_prob, config.augment, config.seed)
     sampler = EpochSampler(len(train_data), num_replicas=world_size, rank=rank)
-    loader = torch.utils.data.DataLoader(
-        train_data, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
-        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
-        worker_init_fn=worker_init, prefetch_factor=4 if config.workers > 0 else None)
+    loader = build_loader(train_data, sampler, batch_size=config.batch_size, workers=workers, device=device)
 
     # Model, loss, optimizer.
     model = UNet(spatial_dims=3, in_channels=len(dataset.modality), num_classes=len(dataset.labels),

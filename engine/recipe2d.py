@@ -27,7 +27,8 @@ from engine.checkpoint import load_checkpoint, resume_training, save_checkpoint,
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.logging import RunLogger
 from engine.optim import build_optimizer
-from engine.runtime import metric_key, start_run, surface_scores, worker_init
+from engine.loader import build_loader
+from engine.runtime import metric_key, start_run, surface_scores
 from engine.slicewise import evaluate_slicewise, montage, save_montage
 from engine.train import train_one_epoch
 from losses import BCEDiceLoss, BCELoss, DiceCELoss, DiceLoss
@@ -173,7 +174,7 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
     Returns:
         the flat validation scores written to metrics.json.
     """
-    out, device, amp_dtype, logger = start_run(config, resume)
+    out, device, amp_dtype, workers, logger = start_run(config, resume)
     rank, world_size = rank_and_world_size()  # (0, 1) unless launched by torchrun
 
     # Data: every slice of the training volumes, read from the memory-mapped cache; the sampler hands
@@ -186,10 +187,8 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
                               config.seed)
     sampler = WeightedSliceSampler(train_data.slice_has_foreground, config.samples_per_epoch,
                                    config.foreground_share, config.seed, num_replicas=world_size, rank=rank)
-    loader = torch.utils.data.DataLoader(
-        train_data, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
-        worker_init_fn=worker_init, prefetch_factor=4 if config.workers > 0 else None)
+    loader = build_loader(train_data, sampler, batch_size=config.batch_size, workers=workers, device=device,
+                          drop_last=True)
     steps_per_epoch = len(loader)
 
     # Model, loss, optimizer: one sigmoid logit for the one foreground class.

@@ -119,7 +119,7 @@ def start_run(config, resume: str | None) -> tuple[Path, torch.device, torch.dty
     precision = "fp32" if amp_dtype is None else f"autocast {amp_dtype}"
     per_process = " per process" if world_size > 1 else ""
     chosen = f" (auto: {available_cores()} cores available)" if config.workers is None else ""
-    logger.info(f"device {device}{processes}, {precision}, {workers} DataLoader workers{per_process}{chosen}, "
+    logger.info(f"device {device}{processes}, {precision}, DataLoader workers {workers}{per_process}{chosen}, "
                 f"run folder {out}")
     if config.amp and amp_dtype is None:
         logger.info("--amp: this CPU has no native bf16 kernels (AVX-512 BF16 or AMX), where bf16 convolutions "

@@ -29,11 +29,12 @@ from torch.nn.parallel import DistributedDataParallel
 from data.augment3d import Augment3DConfig
 from data.msd import read_msd_dataset
 from data.patches import EpochSampler, PatchDataset
-from data.preprocess import load_preprocessed_case, plan_preprocessing, preprocess_dataset, save_prediction
+from data.preprocess import PreprocessPlan, load_preprocessed_case, plan_preprocessing, preprocess_dataset, \
+    save_prediction
 from data.splits import PATIENT_PATTERN, count_patients, split_cases
 from data.synthetic.liver import ensure_liver_phantom
 from engine.benchmark import benchmark_training
-from engine.checkpoint import resume_training, save_checkpoint, training_state
+from engine.checkpoint import load_checkpoint, resume_training, save_checkpoint, training_state
 from engine.config import parse_config, save_config
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.evaluate import evaluate
@@ -42,8 +43,9 @@ from engine.layout import resolve_memory_format, resolve_norm
 from engine.logging import RunLogger, foreground_slice_index, overlay_slice
 from engine.optim import build_optimizer
 from engine.postprocess import keep_largest_foreground
+from engine.loader import build_loader
 from engine.pseudo_dice import ValidationPatch, draw_validation_patches, pseudo_dice, read_validation_patches
-from engine.runtime import metric_key, start_run, surface_scores, worker_init
+from engine.runtime import metric_key, start_run, surface_scores
 from engine.train import train_one_epoch
 from losses import DeepSupervisionLoss, DiceCELoss
 from models import UNet
@@ -104,7 +106,7 @@ class Config:
     amp_dtype: str = "auto"  # auto, fp16 or bf16
     compile: bool = False  # torch.compile the model (slow start, faster steps on GPU)
     benchmark: int = 0  # N > 0: time N training steps (steps/s, samples/s, data wait, first step, peak memory) and stop; no validation or checkpoints
-    workers: int = 4  # DataLoader processes preparing patches (0 = in the main process)
+    workers: int | None = None  # DataLoader processes preparing patches, per training process (0 = in it); none = its share of the cores available, less one
     seed: int = 0  # seeds weights, sampling and augmentation; same seed and workers -> same numbers
     deterministic: bool = False  # force deterministic kernels on CUDA (slower; CPU runs are deterministic anyway)
 
@@ -122,8 +124,12 @@ SYNTHETIC_PROFILE = dict(
     keep_largest=True, tta=True, workers=1)
 
 
-def prepare_data(config: Config, logger: RunLogger):
-    """Read the task folder (or generate the phantom), split by patient, preprocess once into the cache."""
+def prepare_data(config: Config, logger: RunLogger, *, resume: str | None = None):
+    """Read the task folder (or generate the phantom), split by patient, preprocess once into the cache.
+
+    A later start plans from the cached fingerprints and opens no scan unless one changed; a resumed
+    run (``resume``, its checkpoint) keeps the plan its weights were trained with, whatever changed.
+    """
     cache_dir = Path(config.cache_dir)
     if config.data_dir is None:
         data_dir = ensure_liver_phantom(cache_dir / "synthetic", num_cases=config.synthetic_cases,
@@ -138,9 +144,13 @@ def prepare_data(config: Config, logger: RunLogger):
     except ValueError as error:
         raise SystemExit(str(error)) from None
     # Intensity statistics come from all labelled cases, as in nnU-Net, so every fold shares one cache.
-    workers = max(config.workers, 1)
-    plan = plan_preprocessing(dataset, case_ids, target_spacing=config.spacing, workers=workers)
-    entry = preprocess_dataset(dataset, plan, cache_dir, case_ids, workers=workers)
+    # Without --workers preprocessing keeps its own default: a full-resolution CT takes a few GB per process.
+    if resume:  # the plan the weights were trained with
+        plan = PreprocessPlan.from_dict(load_checkpoint(resume)["plan"])
+    else:
+        plan = plan_preprocessing(dataset, case_ids, cache_dir=cache_dir, target_spacing=config.spacing,
+                                  workers=config.workers)
+    entry = preprocess_dataset(dataset, plan, cache_dir, case_ids, workers=config.workers)
     logger.info(f"{dataset.name}: {len(train_ids)} training / {len(val_ids)} validation cases "
                 f"({count_patients(train_ids, config.patient_pattern)} / "
                 f"{count_patients(val_ids, config.patient_pattern)} patients), "
@@ -271,13 +281,13 @@ def main(argv: list[str]) -> dict:
     if config.fg_sampling not in ("per_sample", "per_batch"):
         raise SystemExit(f"--fg-sampling {config.fg_sampling}: choose per_sample or per_batch")
     check_validation_settings(config)
-    out, device, amp_dtype, logger = start_run(config, resume)
+    out, device, amp_dtype, workers, logger = start_run(config, resume)
     rank, world_size = rank_and_world_size()  # (0, 1) unless launched by torchrun
 
     # Data: patches drawn from the memory-mapped cache; the sampler hands (epoch, index) keys to the
     # workers, so every patch is reproducible whatever the number of workers or a resume.
     with main_process_first():  # under torchrun rank 0 fills the cache, the others then read it
-        dataset, plan, entry, train_ids, val_ids = prepare_data(config, logger)
+        dataset, plan, entry, train_ids, val_ids = prepare_data(config, logger, resume=resume)
     if resume and config.strides is None:  # written before networks were planned: the uniform network
         config = dataclasses.replace(config, strides=((2, 2, 2),), kernel_sizes=((3, 3, 3),))
     # Every case, as for the spacing: the folds of one dataset then train the same network.
@@ -290,10 +300,7 @@ def main(argv: list[str]) -> dict:
     # Whole batches: every rank takes ceil(steps_per_epoch / world_size) full ones, so all ranks step together.
     sampler = EpochSampler(config.steps_per_epoch, config.batch_size, foreground_per_batch=foreground_per_batch,
                            num_replicas=world_size, rank=rank)
-    loader = torch.utils.data.DataLoader(
-        train_data, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
-        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
-        worker_init_fn=worker_init, prefetch_factor=4 if config.workers > 0 else None)
+    loader = build_loader(train_data, sampler, batch_size=config.batch_size, workers=workers, device=device)
 
     # Model, loss, optimizer.
     norm, memory_format = resolve_norm(config.norm, device), resolve_memory_format(config.memory_format, device, 3)

@@ -76,7 +76,7 @@ class Config:
     amp_dtype: str = "auto"  # auto, fp16 or bf16
     compile: bool = False  # torch.compile the model (slow start, faster steps on GPU)
     benchmark: int = 0  # N > 0: time N training steps (steps/s, samples/s, data wait, first step, peak memory) and stop; no validation or checkpoints
-    workers: int = 4  # DataLoader processes preparing slices (0 = in the main process)
+    workers: int | None = None  # DataLoader processes preparing slices, per training process (0 = in it); none = its share of the cores available, less one
     seed: int = 0  # seeds weights, sampling and augmentation; same seed and workers -> same numbers
     deterministic: bool = False  # force deterministic kernels on CUDA (slower; CPU runs are deterministic anyway)
 

@@ -37,7 +37,8 @@ from engine.classification import classification_metrics, predict_probabilities
 from engine.config import parse_config as parse_config_with_profile
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.logging import RunLogger
-from engine.runtime import start_run, worker_init
+from engine.loader import build_loader
+from engine.runtime import start_run
 from engine.schedules import cosine_schedule
 from engine.train import train_one_epoch
 from losses import BCELoss
@@ -91,7 +92,7 @@ class Config:
     amp_dtype: str = "auto"  # auto, fp16 or bf16
     compile: bool = False  # torch.compile the model (slow start, faster steps on GPU)
     benchmark: int = 0  # N > 0: time N training steps (steps/s, samples/s, data wait, first step, peak memory) and stop; no validation or checkpoints
-    workers: int = 4  # DataLoader processes augmenting images (0 = in the main process); also decode DICOM once
+    workers: int | None = None  # DataLoader processes augmenting images, per training process (0 = in it), and DICOM decoders of the first run; none = its share of the cores available, less one
     seed: int = 0  # seeds weights, sampling and augmentation; same seed and workers -> same numbers
     deterministic: bool = False  # force deterministic kernels on CUDA (slower; CPU runs are deterministic anyway)
 
@@ -115,8 +116,9 @@ def parse_config(argv: list[str]) -> tuple[Config, str | None]:
     return config, resume
 
 
-def prepare_data(config: Config, logger: RunLogger):
-    """Read the labels (or generate the phantom), decode every image once into the cache, split by patient."""
+def prepare_data(config: Config, logger: RunLogger, *, workers: int):
+    """Read the labels (or generate the phantom), decode every image once into the cache (``workers``
+    processes), split by patient."""
     cache_dir = Path(config.cache_dir)
     if config.data_dir is None:
         root = ensure_rsna_phantom(cache_dir / "synthetic", num_patients=config.synthetic_patients,
@@ -125,7 +127,7 @@ def prepare_data(config: Config, logger: RunLogger):
         root = Path(config.data_dir)
     patients = read_rsna_dataset(root)
     started = time.perf_counter()
-    images, source_shapes = cache_images(root, patients, config.image_size, cache_dir, workers=config.workers)
+    images, source_shapes = cache_images(root, patients, config.image_size, cache_dir, workers=workers)
     train_indices, val_indices = split_patients(patients, config.val_fraction, config.split_seed)
     labels = np.array([p.label for p in patients])
     logger.info(f"{root}: {len(patients)} patients ({labels.mean():.0%} positive), {len(train_indices)} "
@@ -218,12 +220,13 @@ def draw_activation_maps(overlays: list[dict], out: Path, logger: RunLogger) -> 
 
 def main(argv: list[str]) -> dict:
     config, resume = parse_config(argv)
-    out, device, amp_dtype, logger = start_run(config, resume)
+    out, device, amp_dtype, workers, logger = start_run(config, resume)
     rank, world_size = rank_and_world_size()  # (0, 1) unless launched by torchrun
 
     # Data: one uint8 cache of every film; normalisation from the training split, kept in checkpoints.
     with main_process_first():  # under torchrun rank 0 fills the cache, the others then read it
-        patients, images, source_shapes, labels, train_indices, val_indices = prepare_data(config, logger)
+        patients, images, source_shapes, labels, train_indices, val_indices = prepare_data(config, logger,
+                                                                                           workers=workers)
     mean, std = image_statistics(images, train_indices)
     augment = config.augment
     if config.hflip:
@@ -236,13 +239,11 @@ def main(argv: list[str]) -> dict:
     train_sampler = WeightedClassSampler(labels[train_indices], samples_per_epoch, shares, config.seed,
                                          num_replicas=world_size, rank=rank)
     # drop_last: a last batch of one or two images would give batch norm useless statistics.
-    loader = torch.utils.data.DataLoader(
-        train_data, batch_size=config.batch_size, sampler=train_sampler, num_workers=config.workers,
-        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
-        worker_init_fn=worker_init)
-    val_loader = torch.utils.data.DataLoader(
-        val_data, batch_size=config.batch_size, num_workers=config.workers,
-        pin_memory=device.type == "cuda", worker_init_fn=worker_init)
+    loader = build_loader(train_data, train_sampler, batch_size=config.batch_size, workers=workers, device=device,
+                          drop_last=True)
+    # Validation runs once in a while: its workers are not kept between uses.
+    val_loader = build_loader(val_data, None, batch_size=config.batch_size, workers=workers, device=device,
+                              persistent_workers=False)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise SystemExit(f"{samples_per_epoch} samples per epoch make no batch of {config.batch_size}; "

@@ -9,7 +9,13 @@ locations per class. Each cache entry lives in `<cache_dir>/<dataset>-<hash of t
     <case>_foreground.npz  class_<k>: int32 (N, 3) voxel indices (z, y, x), N <= max_foreground_locations
     <case>.json            properties: geometry before/after, crop box, channel_min, ...
     plan.json              the PreprocessPlan
-    manifest.json          the completed case ids, written last
+    manifest.json          the completed case ids and their source files, written last
+
+Planning reads every case once to fingerprint it (spacing, CT intensity samples); the fingerprints
+live in `<cache_dir>/<dataset>-fingerprint-<hash of the planning parameters>/<case>.json`, each with
+the path, size and modification time of the image and label it came from, so a later start (another
+run, a `--resume`, the other torchrun processes) plans without opening a scan, and a changed file is
+read again.
 
 Every file is written under a temporary name and renamed, and a case's JSON is written after its
 arrays, so a case with a JSON file is complete and an interrupted run resumes where it stopped.
@@ -153,11 +159,78 @@ def _case_fingerprint(case: MSDCase, ct_channels: list[int], num_samples: int, s
     return {"spacing": image.spacing, "samples": samples, "nonzero_box_share": nonzero_box_share(image.array)}
 
 
+def _file_identity(path: Path) -> list:
+    """Resolved path, size and modification time (ns): what tells a replaced or edited file apart
+    without reading it."""
+    status = path.stat()
+    return [str(path.resolve()), status.st_size, status.st_mtime_ns]
+
+
+def _case_files(case: MSDCase) -> dict[str, list]:
+    return {"image": _file_identity(case.image_path), "label": _file_identity(case.label_path)}
+
+
+def _plain(value):
+    """`json.dumps` fallback for NumPy arrays and scalars."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _fingerprint_cases(
+    dataset: MSDDataset,
+    cases: list[MSDCase],
+    *,
+    ct_channels: list[int],
+    samples_per_case: int,
+    seed: int,
+    workers: int,
+    cache_dir: Path | None,
+) -> list[dict]:
+    """`_case_fingerprint` of every case as plain JSON values (arrays as lists, channel keys as
+    strings), taken from the fingerprint cache for every case whose image and label are unchanged.
+
+    The cache folder is keyed by the dataset folder, the fingerprint's parameters and PLAN_VERSION:
+    a key added to `_case_fingerprint` needs a PLAN_VERSION bump, so that fingerprints cached
+    without it are computed again.
+    """
+    folder = None
+    if cache_dir is not None:
+        parameters = [str(dataset.root.resolve()), ct_channels, samples_per_case, seed, PLAN_VERSION]
+        key = hashlib.sha256(json.dumps(parameters).encode()).hexdigest()[:12]
+        folder = Path(cache_dir) / f"{dataset.name}-fingerprint-{key}"
+    # Taken before reading: a file that changes while it is read is read again at the next start.
+    files = {case.case_id: _case_files(case) for case in cases}
+    fingerprints = {}
+    for case in cases:
+        path = None if folder is None else folder / f"{case.case_id}.json"
+        if path is not None and path.is_file():
+            record = json.loads(path.read_text())
+            if record["files"] == files[case.case_id]:
+                fingerprints[case.case_id] = record["fingerprint"]
+    todo = [case for case in cases if case.case_id not in fingerprints]
+    if todo:
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        jobs = [(case, ct_channels, samples_per_case, seed) for case in todo]
+        for case, fingerprint in zip(todo, _map_cases(_case_fingerprint, jobs, workers, "Fingerprint")):
+            # Through JSON on the first start too, so that every start plans from the same values.
+            text = json.dumps({"files": files[case.case_id], "fingerprint": fingerprint}, default=_plain)
+            if folder is not None:
+                _write_atomically(folder / f"{case.case_id}.json", lambda file: file.write(text.encode()))
+            fingerprints[case.case_id] = json.loads(text)["fingerprint"]
+    return [fingerprints[case.case_id] for case in cases]
+
+
 def plan_preprocessing(
     dataset: MSDDataset,
     case_ids: list[str],
+    *,
+    cache_dir: str | Path | None = None,
     target_spacing: tuple[float, float, float] | None = None,
-    workers: int = DEFAULT_WORKERS,
+    workers: int | None = None,
     samples_per_case: int = 10_000,
     seed: int = 0,
 ) -> PreprocessPlan:
@@ -170,20 +243,26 @@ def plan_preprocessing(
     cases.
 
     Args:
+        cache_dir: keeps the fingerprints, so that a later call reads only the cases whose files
+            changed (none: every case is read).
         target_spacing: (z, y, x) mm; default the per-axis median spacing of the cases.
+        workers: processes reading cases; none = DEFAULT_WORKERS.
         samples_per_case: foreground voxels drawn per case for the CT statistics.
     """
     cases = _select_cases(dataset, case_ids)
     ct_channels = [channel for channel, name in dataset.modality.items() if name.lower() == "ct"]
-    jobs = [(case, ct_channels, samples_per_case, seed) for case in cases]
-    fingerprints = list(_map_cases(_case_fingerprint, jobs, workers, "Fingerprint"))
+    fingerprints = _fingerprint_cases(
+        dataset, cases, ct_channels=ct_channels, samples_per_case=samples_per_case, seed=seed,
+        workers=DEFAULT_WORKERS if workers is None else workers, cache_dir=cache_dir,
+    )
     if target_spacing is None:
         target_spacing = tuple(float(size) for size in np.median([item["spacing"] for item in fingerprints], axis=0))
     schemes, statistics = [], []
     for channel in sorted(dataset.modality):
         is_ct = channel in ct_channels
         schemes.append("ct" if is_ct else "zscore")
-        samples = [item["samples"][channel] for item in fingerprints] if is_ct else []
+        # float32 as sampled, so the statistics (and the plan's hash) are those of the arrays themselves.
+        samples = [np.asarray(item["samples"][str(channel)], np.float32) for item in fingerprints] if is_ct else []
         statistics.append(ct_statistics(np.concatenate(samples)) if is_ct else None)
     use_mask = uses_nonzero_mask([item["nonzero_box_share"] for item in fingerprints])
     return PreprocessPlan(
@@ -310,11 +389,13 @@ def foreground_locations(label: np.ndarray, plan: PreprocessPlan, rng: np.random
 
 def _preprocess_case(case: MSDCase, plan_values: dict, entry: Path) -> str:
     plan = PreprocessPlan.from_dict(plan_values)
+    source_files = _case_files(case)  # before reading, as for the fingerprint
     check_case(case, plan.labels)
     image, label, properties = preprocess_volumes(
         read_nifti(case.image_path), read_nifti(case.label_path, is_label=True), plan
     )
     properties["case_id"] = case.case_id
+    properties["source_files"] = source_files
     properties["label_values"] = [int(value) for value in np.unique(label)]
     locations = foreground_locations(label, plan, _case_rng(plan.seed, case.case_id))
     _write_atomically(entry / f"{case.case_id}_image.npy", lambda file: np.save(file, image))
@@ -324,30 +405,46 @@ def _preprocess_case(case: MSDCase, plan_values: dict, entry: Path) -> str:
     return case.case_id
 
 
+def _is_preprocessed(entry: Path, case_id: str, files: dict[str, list]) -> bool:
+    """Whether the entry holds the case, made from the files it has now."""
+    properties_path = entry / f"{case_id}.json"
+    return properties_path.is_file() and json.loads(properties_path.read_text()).get("source_files") == files
+
+
 def preprocess_dataset(
     dataset: MSDDataset,
     plan: PreprocessPlan,
     cache_dir: str | Path,
     case_ids: list[str],
-    workers: int = DEFAULT_WORKERS,
+    *,
+    workers: int | None = None,
 ) -> Path:
-    """Preprocess `case_ids` into the cache entry for `plan`, reusing whatever is already complete.
+    """Preprocess `case_ids` into the cache entry for `plan`, reusing whatever is already complete
+    and made from the files as they are now (path, size and modification time).
+
+    Args:
+        workers: processes preprocessing cases; none = DEFAULT_WORKERS.
 
     Returns:
         The cache entry folder.
     """
     entry = Path(cache_dir) / f"{dataset.name}-{plan.hash()}"
     manifest_path = entry / "manifest.json"
-    completed = set(json.loads(manifest_path.read_text())["cases"]) if manifest_path.is_file() else set()
-    if set(case_ids) <= completed:
+    cases = _select_cases(dataset, case_ids)
+    files = {case.case_id: _case_files(case) for case in cases}
+    # A manifest without source files (an older cache) has every case made again, once.
+    recorded = json.loads(manifest_path.read_text()).get("files", {}) if manifest_path.is_file() else {}
+    if all(recorded.get(case_id) == case_files for case_id, case_files in files.items()):
         return entry
     entry.mkdir(parents=True, exist_ok=True)
     _write_json(entry / "plan.json", plan.to_dict())
-    todo = [case for case in _select_cases(dataset, case_ids) if not (entry / f"{case.case_id}.json").is_file()]
+    todo = [case for case in cases if not _is_preprocessed(entry, case.case_id, files[case.case_id])]
     jobs = [(case, plan.to_dict(), entry) for case in todo]
-    for _ in _map_cases(_preprocess_case, jobs, workers, f"Preprocessing {dataset.name}"):
+    for _ in _map_cases(_preprocess_case, jobs, DEFAULT_WORKERS if workers is None else workers,
+                        f"Preprocessing {dataset.name}"):
         pass
-    _write_json(manifest_path, {"cases": sorted(completed | set(case_ids))})
+    recorded.update(files)
+    _write_json(manifest_path, {"cases": sorted(recorded), "files": recorded})
     return entry
 
 

@@ -17,17 +17,19 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data.intensity import ct_window_statistics
 from data.msd import DatasetError, read_msd_dataset
-from data.preprocess import load_preprocessed_case, plan_preprocessing, preprocess_dataset, save_prediction
+from data.preprocess import PreprocessPlan, load_preprocessed_case, plan_preprocessing, preprocess_dataset, \
+    save_prediction
 from data.samplers import WeightedSliceSampler
 from data.slices import SliceDataset
 from data.splits import count_patients, split_cases
 from engine.benchmark import benchmark_training
-from engine.checkpoint import resume_training, save_checkpoint, training_state
+from engine.checkpoint import load_checkpoint, resume_training, save_checkpoint, training_state
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.layout import resolve_memory_format, resolve_norm
 from engine.logging import RunLogger
 from engine.optim import build_optimizer
-from engine.runtime import metric_key, start_run, surface_scores, worker_init
+from engine.loader import build_loader
+from engine.runtime import metric_key, start_run, surface_scores
 from engine.slicewise import evaluate_slicewise, montage, save_montage
 from engine.train import train_one_epoch
 from losses import BCEDiceLoss, BCELoss, DiceCELoss, DiceLoss
@@ -38,13 +40,16 @@ LOSSES = ("dice", "bce", "bce_dice")
 
 def prepare_volumes(data_dir: str | None, make_phantom: Callable[[Path], Path], cache_dir: str,
                     val_fraction: float, split_seed: int, fold: int | None, spacing: tuple[float, ...] | None,
-                    hu_window: tuple[float, ...] | None, workers: int, logger: RunLogger, *,
-                    patient_pattern: str, splits_file: str | None):
+                    hu_window: tuple[float, ...] | None, workers: int | None, logger: RunLogger, *,
+                    patient_pattern: str, splits_file: str | None, resume: str | None = None):
     """Read the task folder (or generate the phantom), split by patient (`data/splits.py`: cases
     grouped by ``patient_pattern``, or fold ``fold`` of ``splits_file``), preprocess once into the cache.
 
     MRI channels are z-scored per volume; CT channels get the foundation's foreground statistics or,
-    with `hu_window` (lower, upper), that fixed Hounsfield window mapped onto [-1, 1].
+    with `hu_window` (lower, upper), that fixed Hounsfield window mapped onto [-1, 1]. A later start
+    plans from the cached fingerprints and opens no scan unless one changed; a resumed run (`resume`,
+    its checkpoint) keeps the plan its weights were trained with. `workers` none: preprocessing's own
+    default (a full-resolution CT takes a few GB per process).
 
     Returns:
         dataset, plan, cache entry, training case ids, validation case ids.
@@ -59,14 +64,17 @@ def prepare_volumes(data_dir: str | None, make_phantom: Callable[[Path], Path], 
     except ValueError as error:
         raise SystemExit(str(error)) from None
     # Intensity statistics come from all labelled cases, as in train_liver3d.py, so folds share a cache.
-    plan = plan_preprocessing(dataset, case_ids, target_spacing=spacing, workers=max(workers, 1))
-    if hu_window is not None:
-        if "ct" not in plan.channel_schemes:
-            raise DatasetError(f"--hu-window needs a CT channel; {dataset.name} has {dataset.modality}.")
-        statistics = [ct_window_statistics(*hu_window) if scheme == "ct" else values
-                      for scheme, values in zip(plan.channel_schemes, plan.channel_statistics)]
-        plan = dataclasses.replace(plan, channel_statistics=statistics)
-    entry = preprocess_dataset(dataset, plan, cache_dir, case_ids, workers=max(workers, 1))
+    if resume:  # the plan the weights were trained with, its HU window included
+        plan = PreprocessPlan.from_dict(load_checkpoint(resume)["plan"])
+    else:
+        plan = plan_preprocessing(dataset, case_ids, cache_dir=cache_dir, target_spacing=spacing, workers=workers)
+        if hu_window is not None:
+            if "ct" not in plan.channel_schemes:
+                raise DatasetError(f"--hu-window needs a CT channel; {dataset.name} has {dataset.modality}.")
+            statistics = [ct_window_statistics(*hu_window) if scheme == "ct" else values
+                          for scheme, values in zip(plan.channel_schemes, plan.channel_statistics)]
+            plan = dataclasses.replace(plan, channel_statistics=statistics)
+    entry = preprocess_dataset(dataset, plan, cache_dir, case_ids, workers=workers)
     logger.info(f"{dataset.name}: {len(train_ids)} training / {len(val_ids)} validation cases "
                 f"({count_patients(train_ids, patient_pattern)} / {count_patients(val_ids, patient_pattern)} patients), "
                 f"{len(dataset.modality)} channel(s) {dataset.modality}, classes {dataset.labels}, "
@@ -173,7 +181,7 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
     Returns:
         the flat validation scores written to metrics.json.
     """
-    out, device, amp_dtype, logger = start_run(config, resume)
+    out, device, amp_dtype, workers, logger = start_run(config, resume)
     rank, world_size = rank_and_world_size()  # (0, 1) unless launched by torchrun
 
     # Data: every slice of the training volumes, read from the memory-mapped cache; the sampler hands
@@ -182,15 +190,13 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
         dataset, plan, entry, train_ids, val_ids = prepare_volumes(
             config.data_dir, make_phantom, config.cache_dir, config.val_fraction, config.split_seed, config.fold,
             config.spacing, hu_window, config.workers, logger, patient_pattern=config.patient_pattern,
-            splits_file=config.splits_file)
+            splits_file=config.splits_file, resume=resume)
     train_data = SliceDataset(entry, train_ids, config.slice_axis, config.image_size, config.fit, config.augment,
                               config.seed)
     sampler = WeightedSliceSampler(train_data.slice_has_foreground, config.samples_per_epoch,
                                    config.foreground_share, config.seed, num_replicas=world_size, rank=rank)
-    loader = torch.utils.data.DataLoader(
-        train_data, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
-        worker_init_fn=worker_init, prefetch_factor=4 if config.workers > 0 else None)
+    loader = build_loader(train_data, sampler, batch_size=config.batch_size, workers=workers, device=device,
+                          drop_last=True)
     steps_per_epoch = len(loader)
 
     # Model, loss, optimizer: one sigmoid logit for the one foreground class.

@@ -1,4 +1,4 @@
-"""Device choice, precision, seeding and DataLoader worker set-up."""
+"""Setting up a run: device, precision, seeding, DataLoader workers, run folder and logger."""
 
 import os
 import random
@@ -9,7 +9,9 @@ import torch
 
 from engine.config import save_config
 from engine.distributed import setup_distributed
+from engine.loader import default_workers
 from engine.logging import RunLogger
+from engine.threads import available_cores
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -77,13 +79,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def worker_init(worker_id: int) -> None:
-    """One thread per DataLoader worker: the workers are the parallelism, and NumPy/SciPy or torch
-    threads inside each would oversubscribe the cores. Randomness is per sample (see PatchDataset),
-    so nothing is seeded here."""
-    torch.set_num_threads(1)
-
-
 def metric_key(label_name: str, metric: str = "dice") -> str:
     """``<metric>_<label>`` (e.g. ``dice_liver``, ``hd95_liver``) with the label in lower case and
     spaces as underscores."""
@@ -96,14 +91,17 @@ def surface_scores(surface_mean: dict[int, dict[str, float]], labels: dict[int, 
             for name, key in (("hd95", "hd95_mm"), ("nsd", "nsd"))}
 
 
-def start_run(config, resume: str | None) -> tuple[Path, torch.device, torch.dtype, RunLogger]:
+def start_run(config, resume: str | None) -> tuple[Path, torch.device, torch.dtype | None, int, RunLogger]:
     """Open the run folder ``config.out`` and set up the process for a recipe: the torchrun process
-    group when launched by torchrun, device, AMP dtype, seeds and backend flags, logger,
-    ``config.json``. Refuses a folder that already holds a run unless it is being resumed, so a
-    finished run is never overwritten by accident. Only rank 0 writes to the folder.
+    group when launched by torchrun, device, AMP dtype, DataLoader workers, seeds and backend flags,
+    logger, ``config.json``. Refuses a folder that already holds a run unless it is being resumed, so
+    a finished run is never overwritten by accident. Only rank 0 writes to the folder.
+
+    ``config.workers`` None means ``default_workers()`` of this host; the config keeps None, so a
+    run resumed or repeated on another machine sizes its workers to that machine.
 
     Returns:
-        (run folder, device, autocast dtype or None for full precision, logger)
+        (run folder, device, autocast dtype or None for full precision, DataLoader workers, logger)
     """
     out = Path(config.out)
     if (out / "last.pt").exists() and resume is None:
@@ -116,12 +114,16 @@ def start_run(config, resume: str | None) -> tuple[Path, torch.device, torch.dty
     logger = RunLogger(out, active=rank == 0)
     if rank == 0:
         save_config(config, out / "config.json")
+    workers = default_workers() if config.workers is None else config.workers
     processes = f", {world_size} processes" if world_size > 1 else ""
     precision = "fp32" if amp_dtype is None else f"autocast {amp_dtype}"
-    logger.info(f"device {device}{processes}, {precision}, run folder {out}")
+    per_process = " per process" if world_size > 1 else ""
+    chosen = f" (auto: {available_cores()} cores available)" if config.workers is None else ""
+    logger.info(f"device {device}{processes}, {precision}, DataLoader workers {workers}{per_process}{chosen}, "
+                f"run folder {out}")
     if config.amp and amp_dtype is None:
         logger.info("--amp: this CPU has no native bf16 kernels (AVX-512 BF16 or AMX), where bf16 convolutions "
                     "run ~30x slower than fp32, so the run stays in fp32; --amp-dtype bf16 forces bf16")
     elif amp_dtype == torch.bfloat16 and device.type == "cpu" and not has_fast_cpu_bf16():
         logger.info("warning: this CPU has no native bf16 kernels, so bf16 autocast runs far slower than fp32 here")
-    return out, device, amp_dtype, logger
+    return out, device, amp_dtype, workers, logger

@@ -1,4 +1,5 @@
-"""End-to-end runs of the left atrium recipe on a tiny phantom: outputs, geometry, resume, refusal."""
+"""End-to-end runs of the left atrium recipe on a tiny phantom: outputs, geometry, resume (opening no
+scan), refusal."""
 
 import json
 import os
@@ -64,6 +65,11 @@ def test_resume_finishes_the_same_run_and_existing_runs_are_kept(tmp_path, cache
     monkeypatch.undo()
     with pytest.raises(SystemExit, match="already holds a run"):
         run(tmp_path / "cut", cache_dir, "--epochs", "2")
+
+    def refuse(path, *args, **kwargs):
+        raise AssertionError(f"{path} was opened, but the cache holds everything a resumed run needs")
+
+    monkeypatch.setattr(nib, "load", refuse)
     assert train_atrium.main(["--resume", str(tmp_path / "cut" / "last.pt")]) == full
 
 

@@ -88,6 +88,20 @@ def test_unusable_validation_settings_stop_before_training(tmp_path, cache_dir):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_a_second_start_and_a_resume_open_no_scan(tmp_path, cache_dir, monkeypatch):
+    import nibabel
+
+    first = run(tmp_path / "first", cache_dir, "--epochs", "1")
+
+    def refuse(path, *args, **kwargs):
+        raise AssertionError(f"{path} was opened, but the cache holds everything a later start needs")
+
+    monkeypatch.setattr(nibabel, "load", refuse)
+    assert run(tmp_path / "second", cache_dir, "--epochs", "1") == first  # the same plan, the same run
+    resumed = train_liver3d.main(["--resume", str(tmp_path / "first" / "last.pt"), "--epochs", "2"])
+    assert [r["epoch"] for r in read_log(tmp_path / "first")] == [0, 1] and set(resumed) == set(first)
+
+
 def test_existing_run_is_not_overwritten(tmp_path, cache_dir):
     run(tmp_path / "run", cache_dir, "--epochs", "1")
     with pytest.raises(SystemExit, match="already holds a run"):

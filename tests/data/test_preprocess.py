@@ -1,5 +1,7 @@
 import io
 import json
+import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -336,3 +338,95 @@ def test_parallel_planning_matches_serial(tmp_path):
     serial = plan_preprocessing(dataset, ["liver_1", "liver_2"], workers=1)
     parallel = plan_preprocessing(dataset, ["liver_1", "liver_2"], workers=2)
     assert parallel == serial
+
+
+def _counting_nibabel_load(monkeypatch) -> list[str]:
+    """Names of the NIfTI files opened from now on (headers included)."""
+    opened = []
+    load = nib.load
+
+    def counting_load(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(nib, "load", counting_load)
+    return opened
+
+
+def _refuse_nibabel_load(monkeypatch) -> None:
+    def refuse(path, *args, **kwargs):
+        raise AssertionError(f"{path} was opened, but the cache holds everything a start needs")
+
+    monkeypatch.setattr(nib, "load", refuse)
+
+
+def test_a_later_start_plans_and_preprocesses_without_opening_a_scan(tmp_path, monkeypatch):
+    dataset = _write_dataset(tmp_path / "task", case_ids=("liver_1", "liver_2", "liver_3"))
+    case_ids = ["liver_1", "liver_2", "liver_3"]
+    plan = plan_preprocessing(dataset, case_ids, cache_dir=tmp_path / "cache", workers=1)
+    entry = preprocess_dataset(dataset, plan, tmp_path / "cache", case_ids, workers=1)
+    fingerprint_files = sorted(path.name for path in (tmp_path / "cache").glob("Task03_Liver-fingerprint-*/*"))
+    assert fingerprint_files == ["liver_1.json", "liver_2.json", "liver_3.json"]  # no temporary left behind
+
+    _refuse_nibabel_load(monkeypatch)
+    again = read_msd_dataset(tmp_path / "task")
+    assert plan_preprocessing(again, case_ids, cache_dir=tmp_path / "cache", workers=1) == plan
+    assert preprocess_dataset(again, plan, tmp_path / "cache", case_ids, workers=1) == entry
+
+
+def test_cached_fingerprints_give_the_plan_the_arrays_give(tmp_path):
+    dataset = _write_dataset(tmp_path / "task", case_ids=("liver_1", "liver_2", "liver_3"))
+    case_ids = ["liver_1", "liver_3"]
+    cached = plan_preprocessing(dataset, case_ids, cache_dir=tmp_path / "cache", samples_per_case=300, workers=1)
+    assert plan_preprocessing(dataset, case_ids, cache_dir=tmp_path / "cache", samples_per_case=300) == cached
+
+    # The statistics of the float32 samples themselves, bit for bit: the plan's hash, and with it
+    # every cache entry made before the fingerprints were cached, stays valid.
+    fingerprints = [preprocess._case_fingerprint(case, [0], 300, 0) for case in dataset.cases if case.case_id in case_ids]
+    expected = preprocess.ct_statistics(np.concatenate([item["samples"][0] for item in fingerprints]))
+    assert cached.channel_statistics == [expected]
+    # Other parameters are other fingerprints, kept apart.
+    other = plan_preprocessing(dataset, case_ids, cache_dir=tmp_path / "cache", samples_per_case=200, workers=1)
+    assert other.channel_statistics != cached.channel_statistics
+    assert len(list((tmp_path / "cache").glob("Task03_Liver-fingerprint-*"))) == 2
+
+
+def test_a_changed_scan_is_read_again_and_only_it(tmp_path, monkeypatch):
+    dataset = _write_dataset(tmp_path / "task")
+    case_ids = ["liver_1", "liver_2"]
+    plan = plan_preprocessing(dataset, case_ids, cache_dir=tmp_path / "cache", workers=1)
+    preprocess_dataset(dataset, plan, tmp_path / "cache", case_ids, workers=1)
+
+    # liver_2 re-exported 30 HU brighter.
+    image_path = tmp_path / "task" / "imagesTr" / "liver_2.nii.gz"
+    image, _ = _phantom(1)
+    nib.save(nib.Nifti1Image(image + 30, FLIPPED_OBLIQUE), image_path)
+    os.utime(image_path, ns=(1_000_000_000, 1_000_000_000))  # a modification time surely its own
+    opened = _counting_nibabel_load(monkeypatch)
+    changed = plan_preprocessing(dataset, case_ids, cache_dir=tmp_path / "cache", workers=1)
+    assert sorted(opened) == ["liver_2.nii.gz", "liver_2.nii.gz"]  # its image and label, for the fingerprint
+    assert changed == plan_preprocessing(dataset, case_ids, workers=1)  # what a cache-less planning finds
+    assert changed.channel_statistics != plan.channel_statistics
+
+    # The entry of the old plan is brought up to date too, should a run still use that plan (a resume).
+    opened.clear()
+    entry = preprocess_dataset(dataset, plan, tmp_path / "cache", case_ids, workers=1)
+    assert opened and set(opened) == {"liver_2.nii.gz"}
+    assert load_preprocessed_case(entry, "liver_2").properties["source_files"]["image"][2] == 1_000_000_000
+    opened.clear()
+    preprocess_dataset(dataset, plan, tmp_path / "cache", case_ids, workers=1)
+    assert opened == []
+
+
+def test_a_fingerprint_key_is_one_line_and_any_numpy_value_is_stored_plainly(tmp_path, monkeypatch):
+    fingerprint = preprocess._case_fingerprint
+
+    def with_an_extra_key(*args):
+        return {**fingerprint(*args), "nonzero_box_share": np.float32(0.75), "box": np.arange(3)}
+
+    monkeypatch.setattr(preprocess, "_case_fingerprint", with_an_extra_key)
+    dataset = _write_dataset(tmp_path / "task", case_ids=("liver_1",))
+    plan_preprocessing(dataset, ["liver_1"], cache_dir=tmp_path / "cache", workers=1)
+    (path,) = (tmp_path / "cache").glob("Task03_Liver-fingerprint-*/liver_1.json")
+    stored = json.loads(path.read_text())["fingerprint"]
+    assert stored["nonzero_box_share"] == 0.75 and stored["box"] == [0, 1, 2]

@@ -29,6 +29,7 @@ class Config:
     amp_dtype = "auto"
     seed = 0
     deterministic = False
+    workers = 3
 
 
 def test_a_run_with_amp_on_a_cpu_without_bf16_kernels_stays_fp32_and_says_so(tmp_path, monkeypatch, capsys):
@@ -36,8 +37,8 @@ def test_a_run_with_amp_on_a_cpu_without_bf16_kernels_stays_fp32_and_says_so(tmp
     monkeypatch.setattr(runtime, "save_config", lambda config, path: None)
     config = Config()
     config.out = str(tmp_path / "run")
-    out, device, amp_dtype, logger = start_run(config, resume=None)
+    out, device, amp_dtype, workers, logger = start_run(config, resume=None)
     logger.close()
-    assert device == torch.device("cpu") and amp_dtype is None
+    assert device == torch.device("cpu") and amp_dtype is None and workers == 3
     lines = [line for line in capsys.readouterr().out.splitlines() if "--amp" in line]
     assert len(lines) == 1 and "fp32" in lines[0] and "--amp-dtype bf16" in lines[0]

@@ -137,13 +137,16 @@ def _to_tuples(value):
     return tuple(_to_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def parse_config(config_class: type, argv: list[str], description: str, synthetic_profile: dict):
+def parse_config(config_class: type, argv: list[str], description: str, synthetic_profile: dict, *,
+                 recipes: dict[str, dict] | None = None):
     """Parse a recipe's command line into ``(config, resume_path)``.
 
     Precedence, lowest first: the dataclass defaults; ``synthetic_profile`` when no ``--data-dir`` is
-    given; a saved ``--config`` file, or the config inside the ``--resume`` checkpoint; the flags given
-    explicitly. A single number for a tuple field whose default has several (``--image-size 256``) is
-    repeated to that length.
+    given; a saved ``--config`` file, or the config inside the ``--resume`` checkpoint; the settings of
+    a ``--recipe`` given on the command line (``recipes[name]``; the dataclass defaults of the same
+    fields for a name ``recipes`` does not hold, e.g. ``default``); the other flags given explicitly. A
+    single number for a tuple field whose default has several (``--image-size 256``) is repeated to
+    that length.
     """
     parser = build_parser(config_class, description)
     parser.add_argument("--config", help="start from a saved RUN/config.json; explicit flags override it")
@@ -159,13 +162,25 @@ def parse_config(config_class: type, argv: list[str], description: str, syntheti
         values = read_config_file(config_file)
     else:
         values = dict(synthetic_profile) if flags.get("data_dir") is None else {}
-    values.update(flags)
     defaults = {field.name: field.default for field in dataclasses.fields(config_class)}
+    if recipes and "recipe" in flags:
+        values.update(recipe_settings(recipes, flags["recipe"], defaults))
+    values.update(flags)
     for name, value in values.items():
         default = defaults.get(name)
         if isinstance(value, (tuple, list)) and len(value) == 1 and isinstance(default, tuple) and len(default) > 1:
             values[name] = tuple(value) * len(default)
     return config_from_dict(config_class, values), resume
+
+
+def recipe_settings(recipes: dict[str, dict], name: str, defaults: dict) -> dict:
+    """The fields a named recipe sets: ``recipes[name]``, or for the recipe of the dataclass defaults
+    those defaults of every field some recipe changes, so switching back is complete."""
+    if name in recipes:
+        return dict(recipes[name])
+    if name != defaults.get("recipe"):
+        raise SystemExit(f"--recipe {name}: choose {', '.join([defaults.get('recipe'), *recipes])}")
+    return {key: defaults[key] for settings in recipes.values() for key in settings}
 
 
 def read_config_file(path: Path) -> dict:

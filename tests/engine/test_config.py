@@ -1,9 +1,10 @@
 import dataclasses
+import json
 from dataclasses import dataclass
 
 import pytest
 
-from engine.config import build_parser, config_from_dict, field_comments
+from engine.config import build_parser, config_from_dict, field_comments, parse_config
 
 
 @dataclass
@@ -86,3 +87,34 @@ def test_parse_config_precedence_and_single_values_for_tuples(tmp_path):
     save_config(ToyConfig(lr=0.2, fold=3), tmp_path / "config.json")
     config, _ = parse_config(ToyConfig, ["--config", str(tmp_path / "config.json"), "--fold", "1"], "toy", profile)
     assert (config.lr, config.fold) == (0.2, 1)  # the saved file, then the flag
+
+
+@dataclass
+class RecipeConfig:
+    recipe: str = "default"  # named settings
+    optimizer: str = "adamw"  # optimizer
+    lr: float = 1e-3  # learning rate
+    epochs: int = 10  # epochs
+    data_dir: str | None = None  # task folder
+
+
+NNUNET = {"nnunet": {"optimizer": "sgd", "lr": 0.01}}
+
+
+def test_a_recipe_sets_its_fields_below_explicit_flags_and_above_a_saved_config(tmp_path):
+    def parse(*argv, profile=None):
+        return parse_config(RecipeConfig, list(argv), "toy", profile or {}, recipes=NNUNET)[0]
+
+    assert parse() == RecipeConfig()
+    assert parse("--recipe", "nnunet") == RecipeConfig(recipe="nnunet", optimizer="sgd", lr=0.01)
+    assert parse("--recipe", "nnunet", "--lr", "0.02").lr == 0.02  # a flag beats the recipe
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(dataclasses.asdict(RecipeConfig(recipe="nnunet", optimizer="sgd", lr=0.01,
+                                                                epochs=3))))
+    # Back to the defaults from a saved nnunet run: every field a recipe changes returns, the rest stays.
+    assert parse("--config", str(saved), "--recipe", "default") == RecipeConfig(epochs=3)
+    # The synthetic profile sits below a recipe.
+    assert parse("--recipe", "nnunet", profile={"lr": 5.0, "epochs": 2}) == RecipeConfig(
+        recipe="nnunet", optimizer="sgd", lr=0.01, epochs=2)
+    with pytest.raises(SystemExit, match="--recipe fast: choose default, nnunet"):
+        parse("--recipe", "fast")

@@ -20,6 +20,7 @@ The MONAI reference (`benchmarks/reference_monai.py`) needs MONAI (`benchmarks/r
 import argparse
 import dataclasses
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -137,22 +138,34 @@ def format_table(runs: list[dict]) -> str:
             scores = [f"failed (exit status {run['returncode']})"] + ["-"] * len(classes)
         else:
             scores = [f"{metrics[key]:.4f}" if key in metrics else "-" for key in classes + ["dice_mean"]]
-        command = "`python " + shlex.join(run["command"]) + "`"
+        command = "`" + shell_line(run["command"], run.get("environment", {})) + "`"
         lines.append(f"| {run['run']} | {run['seed']} | " + " | ".join(
             [*scores, format_duration(run["wall_time_s"]), command]) + " |")
     return "\n".join(lines)
 
 
-def run_one(name: str, seed: int, command: list[str], log_path: Path) -> dict:
-    """Run one command to its end, its console output into ``log_path``; its metrics from the
-    ``metrics.json`` in its ``--out`` folder."""
+def thread_environment(threads: int | None) -> dict[str, str]:
+    """The variables that set the CPU threads of a run (torch reads them at start), or none."""
+    if threads is None:
+        return {}
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def shell_line(command: list[str], environment: dict[str, str]) -> str:
+    """The command as one types it: 'OMP_NUM_THREADS=1 python train_liver3d.py ...'."""
+    return " ".join([*(f"{name}={value}" for name, value in environment.items()), "python", shlex.join(command)])
+
+
+def run_one(name: str, seed: int, command: list[str], environment: dict[str, str], log_path: Path) -> dict:
+    """Run one command to its end, with ``environment`` added to ours and its console output into
+    ``log_path``; its metrics from the ``metrics.json`` in its ``--out`` folder."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
-        completed = subprocess.run([sys.executable, *command], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                   check=False)
+        completed = subprocess.run([sys.executable, *command], cwd=REPO, env=os.environ | environment, stdout=log,
+                                   stderr=subprocess.STDOUT, check=False)
     wall_time = time.perf_counter() - started
-    result = {"run": name, "seed": seed, "command": command, "wall_time_s": wall_time,
+    result = {"run": name, "seed": seed, "command": command, "environment": environment, "wall_time_s": wall_time,
               "returncode": completed.returncode, "log": str(log_path)}
     metrics_path = Path(command[command.index("--out") + 1]) / "metrics.json"
     if completed.returncode == 0 and metrics_path.is_file():
@@ -193,6 +206,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="our U-Net's width at full resolution (default: the recipe's); the reference is fixed")
     parser.add_argument("--only", default="ours,nnunet,monai", help="comma-separated runs (default: all three)")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader processes of every run (default: 1)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads of every run (OMP_NUM_THREADS); 1 when other jobs share the cores: "
+                             "torch's threads then wait on each other and a step can take 5x longer "
+                             "(default: torch's choice)")
     parser.add_argument("--cache-dir", default=".cache", help="the recipes' preprocessed cache (default: .cache)")
     parser.add_argument("--out", default="runs/real_data", help="folder of the runs and real_data.json")
     args = parser.parse_args(argv)
@@ -231,8 +248,9 @@ def main(argv: list[str]) -> list[dict]:
         command = build_command(VARIANTS[dims][name], budget, dims, data_dir=args.data_dir, seed=seed,
                                 workers=args.workers, cache_dir=args.cache_dir, out=folder,
                                 base_channels=args.base_channels)
-        print(f"{name}, seed {seed}: python {shlex.join(command)}", file=sys.stderr)
-        runs.append(run_one(name, seed, command, out / "logs" / f"{name}-seed{seed}.log"))
+        environment = thread_environment(args.threads)
+        print(f"{name}, seed {seed}: {shell_line(command, environment)}", file=sys.stderr)
+        runs.append(run_one(name, seed, command, environment, out / "logs" / f"{name}-seed{seed}.log"))
         print(f"{name}, seed {seed}: {format_duration(runs[-1]['wall_time_s'])}, "
               f"{runs[-1].get('metrics', 'failed: see ' + runs[-1]['log'])}", file=sys.stderr)
 

@@ -81,7 +81,7 @@ def test_2d_commands_count_an_epoch_in_slices(tmp_path):
 def test_table_has_a_row_per_run_and_names_failures():
     runs = [
         {"run": "ours", "seed": 0, "command": ["train_liver3d.py", "--data-dir", "/d x"], "wall_time_s": 587.4,
-         "returncode": 0, "metrics": {"dice_liver": 0.91234, "dice_cancer": 0.5, "dice_mean": 0.70617,
+         "environment": {"OMP_NUM_THREADS": "1"}, "returncode": 0, "metrics": {"dice_liver": 0.91234, "dice_cancer": 0.5, "dice_mean": 0.70617,
                                       "hd95_liver": 3.1}},
         {"run": "monai", "seed": 1, "command": ["benchmarks/reference_monai.py"], "wall_time_s": 41.6,
          "returncode": 1},
@@ -89,7 +89,7 @@ def test_table_has_a_row_per_run_and_names_failures():
     assert real_data.format_table(runs).splitlines() == [
         "| run | seed | dice_liver | dice_cancer | dice_mean | wall time | command |",
         "|---|---|---|---|---|---|---|",
-        "| ours | 0 | 0.9123 | 0.5000 | 0.7062 | 9 min 47 s | `python train_liver3d.py --data-dir '/d x'` |",
+        "| ours | 0 | 0.9123 | 0.5000 | 0.7062 | 9 min 47 s | `OMP_NUM_THREADS=1 python train_liver3d.py --data-dir '/d x'` |",
         "| monai | 1 | failed (exit status 1) | - | - | 42 s | `python benchmarks/reference_monai.py` |",
     ]
 
@@ -107,9 +107,10 @@ def test_runner_runs_our_recipe_and_reports_it(tmp_path, capsys):
     data_dir = ensure_liver_phantom(tmp_path / "synthetic", num_cases=4, matrix=24)
     out = tmp_path / "runs"
     runs = real_data.main(["--data-dir", str(data_dir), "--steps", "3", "--epochs", "5", "--patch", "32",
-                           "--batch-size", "1", "--base-channels", "4", "--only", "ours", "--workers", "0",
+                           "--batch-size", "1", "--base-channels", "4", "--only", "ours", "--workers", "0", "--threads", "1",
                            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     assert [(run["run"], run["seed"], run["returncode"]) for run in runs] == [("ours", 0, 0)]
+    assert runs[0]["environment"] == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     recorded = json.loads((out / "ours-seed0" / "metrics.json").read_text())
     assert runs[0]["metrics"] == recorded and {"dice_liver", "dice_cancer", "dice_mean"} <= set(recorded)
     log = [json.loads(line) for line in (out / "ours-seed0" / "log.jsonl").read_text().splitlines()]

@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 import train_atrium
 import train_liver3d
+from engine.config import parse_config
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ VARIANTS = {
     },
 }
 REFERENCE_SCRIPT = "benchmarks/reference_monai.py"
+RECIPES = {"train_liver3d.py": train_liver3d, "train_atrium.py": train_atrium}
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,19 @@ def build_command(variant: Variant, budget: Budget, spatial_dims: int, *, data_d
     return command + list(variant.flags)
 
 
+def recipe_settings(command: list[str]) -> str | None:
+    """Everything a recipe run trains with but its run folder, as the recipe itself resolves the flags
+    over its defaults (JSON text), so that two variants that come to the same run are seen as one;
+    None for the reference."""
+    recipe = RECIPES.get(command[0])
+    if recipe is None:
+        return None
+    config, _ = parse_config(recipe.Config, command[1:], recipe.__doc__, recipe.SYNTHETIC_PROFILE)
+    settings = dataclasses.asdict(config)
+    del settings["out"]
+    return json.dumps([command[0], settings], sort_keys=True)
+
+
 def format_duration(seconds: float) -> str:
     """'9 min 47 s', or '42 s' under a minute."""
     minutes, seconds = divmod(round(seconds), 60)
@@ -125,7 +140,8 @@ def format_duration(seconds: float) -> str:
 
 def format_table(runs: list[dict]) -> str:
     """One Markdown row per run: its name, seed, the Dice of each class, the mean Dice, the wall time
-    and the command. A run without metrics says that it failed and with which exit status."""
+    and the command. A run without metrics says that it failed and with which exit status; a variant
+    that came to the same settings as an earlier run is named ``nnunet (= ours)`` and shows its results."""
     classes = []
     for run in runs:
         classes += [key for key in run.get("metrics", {})
@@ -139,7 +155,8 @@ def format_table(runs: list[dict]) -> str:
         else:
             scores = [f"{metrics[key]:.4f}" if key in metrics else "-" for key in classes + ["dice_mean"]]
         command = "`" + shell_line(run["command"], run.get("environment", {})) + "`"
-        lines.append(f"| {run['run']} | {run['seed']} | " + " | ".join(
+        name = f"{run['run']} (= {run['same_as']})" if "same_as" in run else run["run"]
+        lines.append(f"| {name} | {run['seed']} | " + " | ".join(
             [*scores, format_duration(run["wall_time_s"]), command]) + " |")
     return "\n".join(lines)
 
@@ -243,16 +260,24 @@ def main(argv: list[str]) -> list[dict]:
 
     train_ids, val_ids = prepare_cache(args.data_dir, args.cache_dir, dims, args.workers)
     print(f"{len(train_ids)} training cases; validation on {len(val_ids)}: {', '.join(val_ids)}", file=sys.stderr)
-    runs = []
+    runs, run_by_settings = [], {}
     for name, seed, folder in plans:
         command = build_command(VARIANTS[dims][name], budget, dims, data_dir=args.data_dir, seed=seed,
                                 workers=args.workers, cache_dir=args.cache_dir, out=folder,
                                 base_channels=args.base_channels)
+        settings = recipe_settings(command)
+        if settings in run_by_settings:  # e.g. a variant whose flags are the recipe's defaults already
+            earlier = run_by_settings[settings]
+            print(f"{name}, seed {seed}: the same settings as {earlier['run']}; not run again", file=sys.stderr)
+            runs.append({**earlier, "run": name, "same_as": earlier["run"], "command": command})
+            continue
         environment = thread_environment(args.threads)
         print(f"{name}, seed {seed}: {shell_line(command, environment)}", file=sys.stderr)
         runs.append(run_one(name, seed, command, environment, out / "logs" / f"{name}-seed{seed}.log"))
         print(f"{name}, seed {seed}: {format_duration(runs[-1]['wall_time_s'])}, "
               f"{runs[-1].get('metrics', 'failed: see ' + runs[-1]['log'])}", file=sys.stderr)
+        if settings is not None:
+            run_by_settings[settings] = runs[-1]
 
     table = format_table(runs)
     print(table)

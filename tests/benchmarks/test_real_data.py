@@ -122,3 +122,36 @@ def test_runner_runs_our_recipe_and_reports_it(tmp_path, capsys):
     assert report["validation_cases"] == validated  # the split reported is the one the recipe validated on
     assert report["table"] in capsys.readouterr().out
     assert f"| ours | 0 | {recorded['dice_liver']:.4f} |" in report["table"]
+
+
+def test_a_variant_that_resolves_to_an_earlier_run_is_not_run_again(tmp_path, monkeypatch, capsys):
+    default_optimizer = train_liver3d.Config.optimizer
+    monkeypatch.setitem(real_data.VARIANTS, 3, {
+        "ours": real_data.Variant("train_liver3d.py"),
+        "nnunet": real_data.Variant("train_liver3d.py", ("--optimizer", default_optimizer)),  # the default again
+        "monai": real_data.Variant("train_liver3d.py", ("--lr", str(train_liver3d.Config.lr * 3))),
+    })
+    monkeypatch.setattr(real_data, "prepare_cache", lambda *args: (["a", "b"], ["c"]))
+    started = []
+
+    def run_one(name, seed, command, environment, log_path):
+        started.append((name, seed))
+        return {"run": name, "seed": seed, "command": command, "environment": environment, "wall_time_s": 61.0,
+                "returncode": 0, "log": str(log_path), "metrics": {"dice_x": 0.25 * len(started), "dice_mean": 0.5}}
+
+    monkeypatch.setattr(real_data, "run_one", run_one)
+    runs = real_data.main(["--data-dir", "/d", "--steps", "4", "--seeds", "0,1", "--out", str(tmp_path)])
+    assert started == [("ours", 0), ("monai", 0), ("ours", 1), ("monai", 1)]  # seeds are runs of their own
+    nnunet = runs[1]
+    assert (nnunet["run"], nnunet["seed"], nnunet["same_as"], nnunet["metrics"]) == ("nnunet", 0, "ours",
+                                                                                     runs[0]["metrics"])
+    assert nnunet["command"][-2:] == ["--optimizer", default_optimizer]
+    assert "| nnunet (= ours) | 0 | 0.2500 | 0.5000 | 1 min 1 s |" in capsys.readouterr().out
+
+
+def test_recipe_settings_are_the_recipes_resolved_config():
+    command = ["train_liver3d.py", "--data-dir", "/d", "--out", "/runs/a", "--lr", "0.01"]
+    same = ["train_liver3d.py", "--data-dir", "/d", "--out", "/runs/b", "--lr", "1e-2"]  # only the folder differs
+    assert real_data.recipe_settings(command) == real_data.recipe_settings(same)
+    assert real_data.recipe_settings(command) != real_data.recipe_settings([*command, "--lr", "0.02"])
+    assert real_data.recipe_settings([real_data.REFERENCE_SCRIPT, "--data-dir", "/d"]) is None

@@ -95,7 +95,7 @@ def parse_window(text: str | None, spatial_dims: int) -> tuple[int, ...]:
     return sizes * spatial_dims if len(sizes) == 1 else sizes
 
 
-def budget_flags(script: str, budget: Budget, spatial_dims: int) -> list[str]:
+def budget_flags(script: str, budget: Budget, *, spatial_dims: int) -> list[str]:
     """The flags that give ``script`` the budget: steps, batch and window, validation after the last step."""
     window = ",".join(str(size) for size in budget.window)
     if script == REFERENCE_SCRIPT:
@@ -108,11 +108,11 @@ def budget_flags(script: str, budget: Budget, spatial_dims: int) -> list[str]:
     return [*epochs, "--samples-per-epoch", str(budget.steps_per_epoch * budget.batch_size), "--image-size", window]
 
 
-def build_command(variant: Variant, budget: Budget, spatial_dims: int, *, data_dir: str, seed: int, workers: int,
+def build_command(variant: Variant, budget: Budget, *, spatial_dims: int, data_dir: str, seed: int, workers: int,
                   cache_dir: str, out: Path, base_channels: int | None) -> list[str]:
     """The command line of one run (without the Python interpreter), from the repository root.
     ``base_channels`` goes to our U-Net only: the reference's network is fixed (BasicUNet 16-256)."""
-    command = [variant.script, "--data-dir", data_dir, *budget_flags(variant.script, budget, spatial_dims),
+    command = [variant.script, "--data-dir", data_dir, *budget_flags(variant.script, budget, spatial_dims=spatial_dims),
                "--seed", str(seed), "--workers", str(workers), "--cache-dir", cache_dir, "--out", str(out)]
     if base_channels is not None and variant.script != REFERENCE_SCRIPT:
         command += ["--base-channels", str(base_channels)]
@@ -173,7 +173,7 @@ def shell_line(command: list[str], environment: dict[str, str]) -> str:
     return " ".join([*(f"{name}={value}" for name, value in environment.items()), "python", shlex.join(command)])
 
 
-def run_one(name: str, seed: int, command: list[str], environment: dict[str, str], log_path: Path) -> dict:
+def run_one(name: str, seed: int, command: list[str], *, environment: dict[str, str], log_path: Path) -> dict:
     """Run one command to its end, with ``environment`` added to ours and its console output into
     ``log_path``; its metrics from the ``metrics.json`` in its ``--out`` folder."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +197,7 @@ class ConsoleLogger:
         print(message, file=sys.stderr)
 
 
-def prepare_cache(data_dir: str, cache_dir: str, spatial_dims: int, workers: int) -> tuple[list[str], list[str]]:
+def prepare_cache(data_dir: str, *, cache_dir: str, spatial_dims: int, workers: int) -> tuple[list[str], list[str]]:
     """Fill the recipes' cache once, by the recipe's own function, so no timed run preprocesses;
     returns the (training, validation) case ids every run uses."""
     from benchmarks.reference_monai import Config, prepare_data  # MONAI is imported only to train
@@ -258,11 +258,11 @@ def main(argv: list[str]) -> list[dict]:
     if taken:
         raise SystemExit(f"{', '.join(taken)} already exist: choose another --out, or remove them")
 
-    train_ids, val_ids = prepare_cache(args.data_dir, args.cache_dir, dims, args.workers)
+    train_ids, val_ids = prepare_cache(args.data_dir, cache_dir=args.cache_dir, spatial_dims=dims, workers=args.workers)
     print(f"{len(train_ids)} training cases; validation on {len(val_ids)}: {', '.join(val_ids)}", file=sys.stderr)
     runs, run_by_settings = [], {}
     for name, seed, folder in plans:
-        command = build_command(VARIANTS[dims][name], budget, dims, data_dir=args.data_dir, seed=seed,
+        command = build_command(VARIANTS[dims][name], budget, spatial_dims=dims, data_dir=args.data_dir, seed=seed,
                                 workers=args.workers, cache_dir=args.cache_dir, out=folder,
                                 base_channels=args.base_channels)
         settings = recipe_settings(command)
@@ -273,7 +273,8 @@ def main(argv: list[str]) -> list[dict]:
             continue
         environment = thread_environment(args.threads)
         print(f"{name}, seed {seed}: {shell_line(command, environment)}", file=sys.stderr)
-        runs.append(run_one(name, seed, command, environment, out / "logs" / f"{name}-seed{seed}.log"))
+        runs.append(run_one(name, seed, command, environment=environment,
+                            log_path=out / "logs" / f"{name}-seed{seed}.log"))
         print(f"{name}, seed {seed}: {format_duration(runs[-1]['wall_time_s'])}, "
               f"{runs[-1].get('metrics', 'failed: see ' + runs[-1]['log'])}", file=sys.stderr)
         if settings is not None:

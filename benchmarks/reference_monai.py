@@ -137,8 +137,9 @@ def prepare_data(config: Config, logger: RunLogger):
     def no_phantom(root: Path) -> Path:
         raise AssertionError("a --data-dir is always given")
 
-    return prepare_volumes(recipe.data_dir, no_phantom, recipe.cache_dir, recipe.val_fraction, recipe.split_seed,
-                           recipe.fold, recipe.spacing, None, recipe.workers, logger)
+    return prepare_volumes(data_dir=recipe.data_dir, make_phantom=no_phantom, cache_dir=recipe.cache_dir,
+                           val_fraction=recipe.val_fraction, split_seed=recipe.split_seed, fold=recipe.fold,
+                           spacing=recipe.spacing, hu_window=None, workers=recipe.workers, logger=logger)
 
 
 def pad_case(image: np.ndarray, label: np.ndarray, size: tuple[int, ...]):
@@ -212,7 +213,7 @@ def build_loss(config: Config, outputs: int) -> torch.nn.Module:
     return DiceLoss(to_onehot_y=True, softmax=True)
 
 
-def train(model, loader, loss_fn, optimizer, device: torch.device, steps: int) -> list[float]:
+def train(model, loader, loss_fn, optimizer, *, device: torch.device, steps: int) -> list[float]:
     """The plain MONAI tutorial loop over ``steps`` batches; returns the loss of every step."""
     model.train()
     losses = []
@@ -230,7 +231,7 @@ def train(model, loader, loss_fn, optimizer, device: torch.device, steps: int) -
 
 
 @torch.inference_mode()
-def predict_case(model, image: np.ndarray, config: Config, outputs: int, device: torch.device) -> np.ndarray:
+def predict_case(model, image: np.ndarray, *, config: Config, outputs: int, device: torch.device) -> np.ndarray:
     """Label map (*spatial) of one preprocessed volume (C, Z, Y, X): the 3D window slid over the volume,
     or the 2D window slid over each slice along z, Gaussian-weighted (MONAI's `sliding_window_inference`)."""
     from monai.inferers import sliding_window_inference
@@ -254,7 +255,7 @@ def predict_case(model, image: np.ndarray, config: Config, outputs: int, device:
     return labels[region].numpy()
 
 
-def validate(model, entry: Path, val_ids: list[str], labels: dict[int, str], spacing: tuple[float, ...],
+def validate(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], spacing: tuple[float, ...],
              config: Config, outputs: int, device: torch.device) -> dict:
     """Every validation case predicted whole and scored by our metrics, averaged as the recipes do."""
     model.eval()
@@ -262,7 +263,7 @@ def validate(model, entry: Path, val_ids: list[str], labels: dict[int, str], spa
     per_case, surface = {}, {}
     for case_id in tqdm(val_ids, desc="validate", unit="case"):
         case = load_preprocessed_case(entry, case_id)
-        prediction = predict_case(model, case.image, config, outputs, device)
+        prediction = predict_case(model, case.image, config=config, outputs=outputs, device=device)
         reference = np.asarray(case.label)
         per_case[case_id] = dice_per_class(prediction, reference, num_classes)
         surface[case_id] = surface_metrics_per_class(prediction, reference, num_classes, spacing,
@@ -274,7 +275,7 @@ def validate(model, entry: Path, val_ids: list[str], labels: dict[int, str], spa
     return {"scores": scores, "per_case": per_case, "surface_per_case": surface}
 
 
-def write_results(validation: dict, labels: dict[int, str], summary: dict, out: Path) -> None:
+def write_results(validation: dict, *, labels: dict[int, str], summary: dict, out: Path) -> None:
     """metrics.json (the recipes' keys), dice_per_case.csv (Dice, HD95 and NSD per class and case),
     summary.json (times, split, settings)."""
     (out / "metrics.json").write_text(json.dumps(validation["scores"], indent=2) + "\n")
@@ -320,9 +321,10 @@ def main(argv: list[str]) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
 
     train_started = time.perf_counter()
-    losses = train(model, loader, loss_fn, optimizer, device, steps)
+    losses = train(model, loader, loss_fn, optimizer, device=device, steps=steps)
     validation_started = time.perf_counter()
-    validation = validate(model, entry, val_ids, dataset.labels, plan.target_spacing, config, outputs, device)
+    validation = validate(model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing, config=config,
+                          outputs=outputs, device=device)
     finished = time.perf_counter()
 
     summary = {
@@ -336,7 +338,7 @@ def main(argv: list[str]) -> dict:
         "validation_cases": val_ids,
         "config": dataclasses.asdict(config),
     }
-    write_results(validation, dataset.labels, summary, out)
+    write_results(validation, labels=dataset.labels, summary=summary, out=out)
     logger.record({"step": steps, "loss": summary["final_loss"], **validation["scores"]})
     logger.info("validation: " + ", ".join(f"{key} {value:.4f}" for key, value in validation["scores"].items()))
     logger.info(f"wall time {summary['wall_time_s']:.1f} s (training {summary['train_time_s']:.1f} s, "

@@ -42,8 +42,8 @@ def test_3d_commands_give_every_run_the_same_budget(tmp_path):
     budget = real_data.Budget(steps=495, epochs=15, steps_per_epoch=33, batch_size=7, window=(16, 48, 80))
     parsed = {}
     for name, variant in real_data.VARIANTS[3].items():
-        command = real_data.build_command(variant, budget, 3, data_dir="/data/Task28", seed=3, workers=2,
-                                          cache_dir="/tmp/c", out=tmp_path / name, base_channels=13)
+        command = real_data.build_command(variant, budget, spatial_dims=3, data_dir="/data/Task28", seed=3,
+                                          workers=2, cache_dir="/tmp/c", out=tmp_path / name, base_channels=13)
         parsed[name] = flags = parse(variant.script, command)
         assert (flags["data_dir"], flags["seed"], flags["workers"], flags["cache_dir"], flags["out"]) == (
             "/data/Task28", 3, 2, "/tmp/c", str(tmp_path / name))
@@ -64,8 +64,8 @@ def test_2d_commands_count_an_epoch_in_slices(tmp_path):
     budget = real_data.Budget(steps=495, epochs=15, steps_per_epoch=33, batch_size=7, window=(112, 80))
     parsed = {}
     for name, variant in real_data.VARIANTS[2].items():
-        command = real_data.build_command(variant, budget, 2, data_dir="/d", seed=0, workers=0, cache_dir="/c",
-                                          out=tmp_path / name, base_channels=None)
+        command = real_data.build_command(variant, budget, spatial_dims=2, data_dir="/d", seed=0, workers=0,
+                                          cache_dir="/c", out=tmp_path / name, base_channels=None)
         parsed[name] = parse(variant.script, command)
         assert parsed[name]["image_size"] == (112, 80) and parsed[name]["batch_size"] == 7
     for name in ("ours", "nnunet"):
@@ -131,10 +131,10 @@ def test_a_variant_that_resolves_to_an_earlier_run_is_not_run_again(tmp_path, mo
         "nnunet": real_data.Variant("train_liver3d.py", ("--optimizer", default_optimizer)),  # the default again
         "monai": real_data.Variant("train_liver3d.py", ("--lr", str(train_liver3d.Config.lr * 3))),
     })
-    monkeypatch.setattr(real_data, "prepare_cache", lambda *args: (["a", "b"], ["c"]))
+    monkeypatch.setattr(real_data, "prepare_cache", lambda *args, **kwargs: (["a", "b"], ["c"]))
     started = []
 
-    def run_one(name, seed, command, environment, log_path):
+    def run_one(name, seed, command, *, environment, log_path):
         started.append((name, seed))
         return {"run": name, "seed": seed, "command": command, "environment": environment, "wall_time_s": 61.0,
                 "returncode": 0, "log": str(log_path), "metrics": {"dice_x": 0.25 * len(started), "dice_mean": 0.5}}

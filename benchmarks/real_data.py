@@ -90,7 +90,9 @@ def split_steps(steps: int, epochs: int) -> tuple[int, int]:
 def parse_window(text: str | None, spatial_dims: int) -> tuple[int, ...]:
     """'32' -> (32, 32, 32) in 3D; '16,96,96' as given; None -> the recipe's default."""
     if text is None:
-        return tuple(train_liver3d.Config.patch if spatial_dims == 3 else train_atrium.Config.image_size)
+        if spatial_dims == 3:  # the recipe plans a GPU-sized patch; the reference needs one given
+            raise SystemExit("--patch is needed in 3D (e.g. --patch 32): every run trains on that patch")
+        return tuple(train_atrium.Config.image_size)
     sizes = tuple(int(size) for size in text.split(","))
     return sizes * spatial_dims if len(sizes) == 1 else sizes
 
@@ -109,13 +111,16 @@ def budget_flags(script: str, budget: Budget, *, spatial_dims: int) -> list[str]
 
 
 def build_command(variant: Variant, budget: Budget, *, spatial_dims: int, data_dir: str, seed: int, workers: int,
-                  cache_dir: str, out: Path, base_channels: int | None) -> list[str]:
+                  cache_dir: str, out: Path, base_channels: int | None,
+                  spacing: str | None = None) -> list[str]:
     """The command line of one run (without the Python interpreter), from the repository root.
     ``base_channels`` goes to our U-Net only: the reference's network is fixed (BasicUNet 16-256)."""
     command = [variant.script, "--data-dir", data_dir, *budget_flags(variant.script, budget, spatial_dims=spatial_dims),
                "--seed", str(seed), "--workers", str(workers), "--cache-dir", cache_dir, "--out", str(out)]
     if base_channels is not None and variant.script != REFERENCE_SCRIPT:
         command += ["--base-channels", str(base_channels)]
+    if spacing is not None:
+        command += ["--spacing", spacing]
     return command + list(variant.flags)
 
 
@@ -197,12 +202,14 @@ class ConsoleLogger:
         print(message, file=sys.stderr)
 
 
-def prepare_cache(data_dir: str, *, cache_dir: str, spatial_dims: int, workers: int) -> tuple[list[str], list[str]]:
+def prepare_cache(data_dir: str, *, cache_dir: str, spatial_dims: int, workers: int,
+                  spacing: str | None = None) -> tuple[list[str], list[str]]:
     """Fill the recipes' cache once, by the recipe's own function, so no timed run preprocesses;
     returns the (training, validation) case ids every run uses."""
     from benchmarks.reference_monai import Config, prepare_data  # MONAI is imported only to train
 
-    config = Config(data_dir=data_dir, cache_dir=cache_dir, spatial_dims=spatial_dims, workers=workers)
+    config = Config(data_dir=data_dir, cache_dir=cache_dir, spatial_dims=spatial_dims, workers=workers,
+                    spacing=tuple(float(size) for size in spacing.split(",")) if spacing else None)
     *_, train_ids, val_ids = prepare_data(config, ConsoleLogger())
     return train_ids, val_ids
 
@@ -218,6 +225,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="train_atrium.py and the 2D reference instead of train_liver3d.py and the 3D one")
     parser.add_argument("--patch", help="3D patch z,y,x or one int for a cube (default: train_liver3d.py's)")
     parser.add_argument("--image-size", help="2D image size H,W or one int (default: train_atrium.py's)")
+    parser.add_argument("--spacing", help="target spacing z,y,x in mm of every run (default: the recipe's, the median)")
     parser.add_argument("--batch-size", type=int, help="patches or slices per step (default: the recipe's)")
     parser.add_argument("--base-channels", type=int,
                         help="our U-Net's width at full resolution (default: the recipe's); the reference is fixed")
@@ -258,13 +266,14 @@ def main(argv: list[str]) -> list[dict]:
     if taken:
         raise SystemExit(f"{', '.join(taken)} already exist: choose another --out, or remove them")
 
-    train_ids, val_ids = prepare_cache(args.data_dir, cache_dir=args.cache_dir, spatial_dims=dims, workers=args.workers)
+    train_ids, val_ids = prepare_cache(args.data_dir, cache_dir=args.cache_dir, spatial_dims=dims, workers=args.workers,
+                                       spacing=args.spacing)
     print(f"{len(train_ids)} training cases; validation on {len(val_ids)}: {', '.join(val_ids)}", file=sys.stderr)
     runs, run_by_settings = [], {}
     for name, seed, folder in plans:
         command = build_command(VARIANTS[dims][name], budget, spatial_dims=dims, data_dir=args.data_dir, seed=seed,
                                 workers=args.workers, cache_dir=args.cache_dir, out=folder,
-                                base_channels=args.base_channels)
+                                base_channels=args.base_channels, spacing=args.spacing)
         settings = recipe_settings(command)
         if settings in run_by_settings:  # e.g. a variant whose flags are the recipe's defaults already
             earlier = run_by_settings[settings]

@@ -80,7 +80,8 @@ class Config:
     out: str = "runs/reference_monai"  # run folder: metrics.json, dice_per_case.csv, summary.json, log.jsonl
     cache_dir: str = ".cache"  # the recipes' preprocessed cache (filled here if empty): the arrays the recipe trains on
     spatial_dims: int = 3  # 3: 3D BasicUNet on patches (as train_liver3d.py); 2: 2D BasicUNet on slices (as train_atrium.py)
-    patch: tuple[int, ...] = train_liver3d.Config.patch  # 3D: patch z,y,x (one int = a cube), multiples of 16
+    spacing: tuple[float, ...] | None = None  # target spacing z,y,x in mm of the recipe's cache; auto = the recipe's (the median)
+    patch: tuple[int, ...] = (64, 64, 64)  # 3D: patch z,y,x (one int = a cube), multiples of 16
     image_size: tuple[int, ...] = train_atrium.Config.image_size  # 2D: window H,W (one int = square), multiples of 16
     batch_size: int | None = None  # patches (3D) or slices (2D) per step; none = the recipe's default
     steps: int = 500  # optimizer steps; the budget of a recipe run is its epochs x steps per epoch
@@ -130,16 +131,19 @@ def prepare_data(config: Config, logger: RunLogger):
     """The recipe's dataset, preprocessing plan, cache entry and split, from the recipe's own function
     with the recipe's default split settings."""
     if config.spatial_dims == 3:
-        recipe = train_liver3d.Config(data_dir=config.data_dir, cache_dir=config.cache_dir, workers=config.workers)
+        recipe = train_liver3d.Config(data_dir=config.data_dir, cache_dir=config.cache_dir, workers=config.workers,
+                                      spacing=config.spacing)
         return train_liver3d.prepare_data(recipe, logger)
-    recipe = train_atrium.Config(data_dir=config.data_dir, cache_dir=config.cache_dir, workers=config.workers)
+    recipe = train_atrium.Config(data_dir=config.data_dir, cache_dir=config.cache_dir, workers=config.workers,
+                                 spacing=config.spacing)
 
     def no_phantom(root: Path) -> Path:
         raise AssertionError("a --data-dir is always given")
 
     return prepare_volumes(data_dir=recipe.data_dir, make_phantom=no_phantom, cache_dir=recipe.cache_dir,
                            val_fraction=recipe.val_fraction, split_seed=recipe.split_seed, fold=recipe.fold,
-                           spacing=recipe.spacing, hu_window=None, workers=recipe.workers, logger=logger)
+                           spacing=recipe.spacing, hu_window=None, workers=recipe.workers, logger=logger,
+                           patient_pattern=recipe.patient_pattern, splits_file=recipe.splits_file)
 
 
 def pad_case(image: np.ndarray, label: np.ndarray, size: tuple[int, ...]):

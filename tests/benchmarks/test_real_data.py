@@ -34,7 +34,8 @@ def test_window_sizes():
     assert real_data.parse_window("32", 3) == (32, 32, 32)
     assert real_data.parse_window("16,96,80", 3) == (16, 96, 80)
     assert real_data.parse_window("112", 2) == (112, 112)
-    assert real_data.parse_window(None, 3) == train_liver3d.Config.patch
+    with pytest.raises(SystemExit, match="--patch is needed in 3D"):  # the recipe's own is planned for a GPU
+        real_data.parse_window(None, 3)
     assert real_data.parse_window(None, 2) == train_atrium.Config.image_size
 
 
@@ -115,7 +116,8 @@ def test_runner_runs_our_recipe_and_reports_it(tmp_path, capsys):
     assert runs[0]["metrics"] == recorded and {"dice_liver", "dice_cancer", "dice_mean"} <= set(recorded)
     log = [json.loads(line) for line in (out / "ours-seed0" / "log.jsonl").read_text().splitlines()]
     assert [record["steps"] for record in log] == [1, 1, 1]  # 3 steps = 3 epochs of 1
-    assert "dice_mean" in log[-1] and all("dice_mean" not in record for record in log[:-1])  # validated once
+    # Validated once: the pseudo-Dice after the last step, the whole volumes (metrics.json) after training.
+    assert "pseudo_dice_mean" in log[-1] and all("pseudo_dice_mean" not in record for record in log[:-1])
     report = json.loads((out / "real_data.json").read_text())
     assert report["budget"] == {"steps": 3, "epochs": 3, "steps_per_epoch": 1, "batch_size": 1, "window": [32, 32, 32]}
     validated = [row.split(",")[0] for row in (out / "ours-seed0" / "dice_per_case.csv").read_text().splitlines()[1:]]
@@ -140,7 +142,8 @@ def test_a_variant_that_resolves_to_an_earlier_run_is_not_run_again(tmp_path, mo
                 "returncode": 0, "log": str(log_path), "metrics": {"dice_x": 0.25 * len(started), "dice_mean": 0.5}}
 
     monkeypatch.setattr(real_data, "run_one", run_one)
-    runs = real_data.main(["--data-dir", "/d", "--steps", "4", "--seeds", "0,1", "--out", str(tmp_path)])
+    runs = real_data.main(["--data-dir", "/d", "--steps", "4", "--seeds", "0,1", "--patch", "32", "--out",
+                           str(tmp_path)])
     assert started == [("ours", 0), ("monai", 0), ("ours", 1), ("monai", 1)]  # seeds are runs of their own
     nnunet = runs[1]
     assert (nnunet["run"], nnunet["seed"], nnunet["same_as"], nnunet["metrics"]) == ("nnunet", 0, "ours",

@@ -82,6 +82,7 @@ class Config:
     upsample: str = "transpose"  # transpose (nnU-Net) or interpolate (trilinear + conv)
     deep_supervision: bool = True  # extra losses on the coarser decoder outputs (nnU-Net)
     # optimisation
+    recipe: str = "default"  # default (the settings below) or nnunet (SGD lr 0.01, Nesterov momentum 0.99, poly schedule, a third of every batch on foreground, as nnU-Net); explicit flags override either
     optimizer: str = "sgd"  # sgd (Nesterov, nnU-Net) or adamw
     lr: float = 0.01  # initial learning rate (nnU-Net: 0.01 with SGD; ~1e-3 suits AdamW)
     momentum: float = 0.99  # SGD Nesterov momentum (nnU-Net)
@@ -122,6 +123,13 @@ SYNTHETIC_PROFILE = dict(
     epochs=32, steps_per_epoch=25, val_every=16,
     fg_prob=0.8, optimizer="adamw", lr=4e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=25,
     keep_largest=True, tta=True, workers=1)
+
+
+# Named sets of settings for --recipe; `default` is the dataclass defaults of the same fields.
+RECIPES = {
+    "nnunet": dict(optimizer="sgd", lr=0.01, momentum=0.99, weight_decay=3e-5, schedule="poly", warmup_steps=0,
+                   fg_prob=0.33, fg_sampling="per_batch"),
+}
 
 
 def prepare_data(config: Config, logger: RunLogger, *, resume: str | None = None):
@@ -277,7 +285,7 @@ def write_metrics(validation: dict, labels: dict[int, str], out: Path) -> None:
 
 
 def main(argv: list[str]) -> dict:
-    config, resume = parse_config(Config, argv, __doc__, SYNTHETIC_PROFILE)
+    config, resume = parse_config(Config, argv, __doc__, SYNTHETIC_PROFILE, recipes=RECIPES)
     if config.fg_sampling not in ("per_sample", "per_batch"):
         raise SystemExit(f"--fg-sampling {config.fg_sampling}: choose per_sample or per_batch")
     check_validation_settings(config)

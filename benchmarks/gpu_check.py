@@ -716,6 +716,7 @@ def run_part(context: PartContext, log_path: Path | None) -> None:
 def part_in_own_process(context: PartContext, log_path: Path) -> None:
     """Target of the forked process: its own process group, so a timeout stops its workers too."""
     os.setsid()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler is not this process's
     context.progress = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     run_part(context, log_path)
 
@@ -788,26 +789,53 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"device": str(device), "smoke": args.smoke, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                "isolated": fork, "parts": {}}
     started = time.monotonic()
-    deadline = started + args.time_limit
-    for name in [name for name in PARTS if name in names]:
+    # A SIGTERM (a job's time limit) ends the check as Ctrl-C does: the running part is stopped with
+    # every process it started, and what was measured so far is written.
+    previous_handler = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        run_parts([name for name in PARTS if name in names], results, out=out, cache_dir=cache_dir, device=device,
+                  sizes=sizes, deadline=started + args.time_limit, fork=fork)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        results["wall_s"] = time.monotonic() - started
+        table = markdown(results)
+        (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        (out / "gpu_check.md").write_text(table)
+        print(table)
+    return results
+
+
+def interrupt(signal_number, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signal_number}")
+
+
+def run_parts(names: list[str], results: dict, *, out: Path, cache_dir: Path, device: torch.device, sizes: Sizes,
+              deadline: float, fork: bool) -> None:
+    """Run the parts in turn into ``results["parts"]``, each within its budget and the time left."""
+    started = time.monotonic()
+    for name in names:
         budget_s = min(sizes.budgets_s[name], deadline - time.monotonic())
-        elapsed = time.monotonic() - started
         checkpoint = out / "liver" / "last.pt"
         if budget_s < PART_MINIMUM_S:
-            result = {"status": "skipped", "error": f"{budget_s:.0f} s left of --time-limit {args.time_limit:.0f}"}
+            result = {"status": "skipped", "error": f"{budget_s:.0f} s left of the time limit"}
         elif PARTS[name].needs_checkpoint and not checkpoint.exists():
             result = {"status": "skipped", "error": f"no {checkpoint}: liver_train did not write it"}
         else:
-            print(f"[{elapsed:4.0f} s] {name}: started, budget {budget_s:.0f} s", flush=True)
+            print(f"[{time.monotonic() - started:4.0f} s] {name}: started, budget {budget_s:.0f} s", flush=True)
             result_path, log_path = out / "parts" / f"{name}.json", out / "logs" / f"{name}.log"
             result_path.unlink(missing_ok=True)
             context = PartContext(name, out, cache_dir, device, sizes, time.monotonic() + budget_s, result_path,
                                   sys.stdout)
-            if fork:
-                result = run_isolated(context, budget_s, log_path)
-            else:  # no fork (Windows): in this process, without a time limit
-                run_part(context, None)
-                result = context.result
+            try:
+                if fork:
+                    result = run_isolated(context, budget_s, log_path)
+                else:  # no fork (Windows): in this process, without a time limit
+                    run_part(context, None)
+                    result = context.result
+            except KeyboardInterrupt:
+                result = json.loads(result_path.read_text()) if result_path.exists() else {}
+                results["parts"][name] = {**result, "status": "interrupted", "error": "Ctrl-C or SIGTERM"}
+                raise
             if result["status"] != "ok":
                 result["log_tail"] = log_tail(log_path)
         print(f"[{time.monotonic() - started:4.0f} s] {name}: {result['status']}"
@@ -815,14 +843,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["parts"][name] = result
         if name == "environment" and device.type == "cuda" and not result.get("cuda_available", True):
             print(f"--device {device}: CUDA is not available here; run with --smoke (CPU) or on a GPU.", flush=True)
-            break
-    results["wall_s"] = time.monotonic() - started
-    table = markdown(results)
-    (out / "gpu_check.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (out / "gpu_check.md").write_text(table)
-    print(table)
-    return results
-
+            return
 
 if __name__ == "__main__":
     main()

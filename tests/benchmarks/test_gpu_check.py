@@ -4,6 +4,8 @@ and the table; a part that fails or overruns its budget is flagged and the other
 import dataclasses
 import json
 import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -87,10 +89,40 @@ def test_a_part_that_fails_or_overruns_is_flagged_and_the_others_still_run(tmp_p
     assert parts["fine"]["status"] == "ok"
     assert parts["slow"]["status"] == "timed out" and parts["slow"]["rows"][0]["measured"] == "1 s"
     # Under a second of the 4 s --time-limit is left after the slow part's 3: the last is not started.
-    assert parts["late"]["status"] == "skipped" and "left of --time-limit 4" in parts["late"]["error"]
+    assert parts["late"]["status"] == "skipped" and "left of the time limit" in parts["late"]["error"]
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| slow part | measured before the budget ran out | 1 s |  | - |" in table
     assert "| slow part | status | timed out: stopped after its budget of 3 s | ok | no |" in table
     assert "| broken part | status | failed: RuntimeError: broken on purpose | ok | no |" in table
     assert "| fine part | a figure | 42 |  | - |" in table
     assert json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["fine"]["rows"][0]["measured"] == "42"
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="parts run in forked processes")
+def test_sigterm_stops_the_running_part_and_writes_what_was_measured(tmp_path, monkeypatch):
+    def terminate_the_check(context):
+        context.result["pid"] = os.getpid()
+        context.row("measured before the signal", "7 s")
+        os.kill(os.getppid(), signal.SIGTERM)  # as a job's time limit would
+        time.sleep(60)
+
+    def fine(context):
+        context.row("a figure", "42")
+
+    monkeypatch.setattr(gpu_check, "PARTS", {"fine": gpu_check.Part("fine part", fine),
+                                             "stopped": gpu_check.Part("stopped part", terminate_the_check),
+                                             "never": gpu_check.Part("never part", fine)})
+    budgets = dict.fromkeys(gpu_check.PARTS, 30)
+    monkeypatch.setattr(gpu_check, "SMOKE", dataclasses.replace(gpu_check.SMOKE, budgets_s=budgets))
+    handler = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--smoke", "--out", str(tmp_path)])
+    assert time.monotonic() - started < 30 and signal.getsignal(signal.SIGTERM) == handler
+    parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+    assert list(parts) == ["fine", "stopped"] and parts["fine"]["status"] == "ok"
+    assert parts["stopped"]["status"] == "interrupted" and parts["stopped"]["rows"][0]["measured"] == "7 s"
+    with pytest.raises(ProcessLookupError):  # the part's process was stopped, not left sleeping
+        os.kill(parts["stopped"]["pid"], 0)
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| stopped part | status | interrupted: Ctrl-C or SIGTERM | ok | no |" in table

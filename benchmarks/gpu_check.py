@@ -17,13 +17,13 @@ environment: GPU name, memory and compute capability, torch, CUDA and cuDNN vers
     /dev/shm holds the batches 12 loader workers keep in flight at 128^3 (about 1 GB; Docker's
     default is 64 MB).
 liver_train: `train_liver3d.py --amp --compile` for 2 epochs of 50 steps on the synthetic liver
-    phantom (its CPU-sized network: patch 32x80x80, base 8, depth 4), through a compile backend that
-    counts the graphs it is handed (inductor on CUDA, "eager" in --smoke). Figures: the wall time (phantom,
-    preprocessing, compile, epochs, final validation), the time of each epoch (the first pays for
-    compiling), the final loss, the GradScaler's scale after each epoch, the graphs compiled in the
-    first epoch and after it. Good: a finite loss and scale (fp16 + GradScaler on CUDA), no graph
-    after the first epoch (validation runs the plain model; a graph there would mean a recompile per
-    validation on a real run).
+    phantom (its CPU-sized network: patch 32x80x80, base 8, depth 4), compiled as the recipe compiles
+    (inductor; "eager" in --smoke, which skips code generation), the graphs counted by Dynamo's own
+    counter. Figures: the wall time (phantom, preprocessing, compile, epochs, final validation), the
+    time of each epoch (the first pays for compiling), the final loss, the GradScaler's scale after
+    each epoch, the graphs compiled in the first epoch and after it. Good: a finite loss and scale
+    (fp16 + GradScaler on CUDA), no graph after the first epoch (validation runs the plain model; a
+    graph there would mean a recompile per validation on a real run).
 liver_resume: `--resume` of that run's last.pt for a third epoch, in a fresh process as after a
     crash. Good: it runs (the checkpoint's RNG states are CPU tensors and must stay so), with a
     finite loss and the scale carried over.
@@ -129,7 +129,7 @@ class Sizes:
     """Every size of the check: the GPU's (`FULL`) or the CPU smoke test's (`SMOKE`)."""
 
     liver_flags: tuple[str, ...]  # train_liver3d.py flags besides --amp --compile --epochs --out --device
-    compile_backend: str  # what the counting backend hands the graphs to
+    compile_backend: str | None  # torch.compile's backend; None: the recipe's (inductor)
     step_3d: StepSizes
     step_2d: StepSizes
     warmup_steps: int
@@ -149,7 +149,7 @@ class Sizes:
 FULL = Sizes(
     liver_flags=("--synthetic-cases", "8", "--synthetic-matrix", "128", "--steps-per-epoch", "50",
                  "--val-every", "2", "--val-patches-per-case", "2", "--tta", "false", "--workers", "4"),
-    compile_backend="inductor",
+    compile_backend=None,
     step_3d=StepSizes(image_size=(128, 128, 128), batch_size=2, base_channels=32, depth=6, max_channels=320,
                       num_classes=3, deep_supervision=True, forward_batch_size=4),
     step_2d=StepSizes(image_size=(512, 512), batch_size=16, base_channels=32, depth=7, max_channels=512,
@@ -292,49 +292,52 @@ def liver_run_folder(context: PartContext) -> Path:
 
 
 @contextlib.contextmanager
-def counting_compiled_graphs(backend_name: str):
-    """Make ``torch.compile`` hand its graphs to ``backend_name`` through a backend that counts them,
-    and ``train_liver3d.train_one_epoch`` record the count, loss and scale after each epoch; yields
-    (graphs, epochs): the graphs so far and one dict per epoch."""
-    inner = torch._dynamo.lookup_backend(backend_name)
-    graphs, epochs = [], []
+def counting_compiled_graphs(backend_name: str | None):
+    """Record after each epoch of ``train_liver3d`` the graphs compiled so far (Dynamo's own count),
+    its loss and the GradScaler's scale; yields (epochs, graphs_so_far): one dict per epoch and a
+    function returning the count. ``backend_name`` None leaves ``torch.compile`` as the recipe calls it
+    (inductor); a name makes it hand the graphs to that backend instead (the smoke test's "eager")."""
+    counters = torch._dynamo.utils.counters
+    epochs = []
 
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(len(graph_module.graph.nodes))
-        return inner(graph_module, example_inputs)
+    def graphs_so_far() -> int:
+        return counters["stats"]["unique_graphs"]
 
     def train_and_count(*args, **kwargs):
         started = time.perf_counter()
         stats = original_train(*args, **kwargs)
         scaler = kwargs["scaler"]
-        epochs.append({"seconds": time.perf_counter() - started, "graphs_so_far": len(graphs),
+        epochs.append({"seconds": time.perf_counter() - started, "graphs_so_far": graphs_so_far(),
                        "scale": scaler.get_scale() if scaler.is_enabled() else None, **stats})
         return stats
 
     original_compile, original_train = torch.compile, train_liver3d.train_one_epoch
     torch._dynamo.reset()
-    torch.compile = functools.partial(original_compile, backend=counting_backend)
+    counters.clear()
+    if backend_name is not None:
+        torch.compile = functools.partial(original_compile, backend=backend_name)
     train_liver3d.train_one_epoch = train_and_count
     try:
-        yield graphs, epochs
+        yield epochs, graphs_so_far
     finally:
         torch.compile, train_liver3d.train_one_epoch = original_compile, original_train
 
 
-def run_liver(context: PartContext, argv: list[str]) -> tuple[list, list, float]:
-    """train_liver3d.main(argv) with its compiled graphs counted; (graphs, epochs, wall seconds)."""
+def run_liver(context: PartContext, argv: list[str]) -> tuple[list, int, float]:
+    """train_liver3d.main(argv) with its compiled graphs counted; (epochs, graphs in all, wall seconds)."""
     torch._logging.set_logs(recompiles=True, graph_breaks=True)  # the reasons, in the part's log
-    with counting_compiled_graphs(context.sizes.compile_backend) as (graphs, epochs):
+    with counting_compiled_graphs(context.sizes.compile_backend) as (epochs, graphs_so_far):
         started = time.perf_counter()
         scores = train_liver3d.main(argv)
         wall_s = time.perf_counter() - started
+        graphs = graphs_so_far()
     context.result.update(wall_s=wall_s, epochs=epochs, graphs=graphs, final_scores=scores,
                           graph_breaks=sum(torch._dynamo.utils.counters["graph_break"].values()))
     context.save()
-    return graphs, epochs, wall_s
+    return epochs, graphs, wall_s
 
 
-def report_epochs(context: PartContext, graphs: list, epochs: list) -> None:
+def report_epochs(context: PartContext, epochs: list, graphs: int) -> None:
     if not epochs:
         context.row("epochs", "none ran", "at least one", False)
         return
@@ -349,7 +352,7 @@ def report_epochs(context: PartContext, graphs: list, epochs: list) -> None:
     else:
         context.row("GradScaler scale after each epoch", ", ".join(f"{scale:g}" for scale in scales), "finite, > 0",
                     all(math.isfinite(scale) and scale > 0 for scale in scales))
-    first, after = epochs[0]["graphs_so_far"], len(graphs) - epochs[0]["graphs_so_far"]
+    first, after = epochs[0]["graphs_so_far"], graphs - epochs[0]["graphs_so_far"]
     context.result.update(graphs_first_epoch=first, graphs_after_first_epoch=after)
     context.row("graphs compiled in the first epoch / after it (validation included)", f"{first} / {after}",
                 "> 0 / 0", first > 0 and after == 0)
@@ -363,9 +366,9 @@ def liver_train(context: PartContext) -> None:
             "--cache-dir", str(context.cache_dir), "--out", str(run)]
     context.result["argv"] = argv
     context.say("train_liver3d.py " + " ".join(argv))
-    graphs, epochs, wall_s = run_liver(context, argv)
+    epochs, graphs, wall_s = run_liver(context, argv)
     context.row("wall time: phantom, preprocessing, 2 epochs, final validation", seconds(wall_s))
-    report_epochs(context, graphs, epochs)
+    report_epochs(context, epochs, graphs)
     scores = context.result["final_scores"]
     context.row("final whole-volume validation", f"Dice mean {scores.get('dice_mean', math.nan):.3f} (2 epochs)")
 
@@ -377,12 +380,12 @@ def liver_resume(context: PartContext) -> None:
     argv = ["--resume", str(checkpoint), "--epochs", str(saved["epoch"] + 2), "--device", str(context.device)]
     context.result.update(argv=argv, saved_epoch=saved["epoch"], saved_scale=saved_scale)
     context.say("train_liver3d.py " + " ".join(argv))
-    graphs, epochs, wall_s = run_liver(context, argv)
+    epochs, graphs, wall_s = run_liver(context, argv)
     context.row(f"resumed at epoch {saved['epoch'] + 2} from last.pt", f"ran {len(epochs)} epoch in {seconds(wall_s)}",
                 "no crash", len(epochs) == 1)
     if saved_scale is not None:
         context.row("GradScaler scale saved in last.pt", f"{saved_scale:g}", "finite", math.isfinite(saved_scale))
-    report_epochs(context, graphs, epochs)
+    report_epochs(context, epochs, graphs)
 
 
 def predict_device_and_cpu(context: PartContext) -> None:
@@ -735,6 +738,7 @@ def run_isolated(context: PartContext, budget_s: float, log_path: Path) -> dict:
         if timed_out:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
+            process.kill()  # the part itself, had it not reached os.setsid yet
             process.join()
     result = json.loads(context.result_path.read_text()) if context.result_path.exists() else {}
     if timed_out:

@@ -53,10 +53,14 @@ def test_3d_commands_give_every_run_the_same_budget(tmp_path):
         flags = parsed[name]
         assert flags["epochs"] * flags["steps_per_epoch"] == 495 and flags["val_every"] == flags["epochs"] == 15
         assert flags["base_channels"] == 13
-    assert "optimizer" not in parsed["ours"]  # the recipe's defaults
-    nnunet = parsed["nnunet"]
-    assert (nnunet["optimizer"], nnunet["lr"], nnunet["momentum"], nnunet["schedule"], nnunet["fg_prob"]) == (
-        "sgd", 0.01, 0.99, "poly", 0.33)
+    assert "optimizer" not in parsed["ours"] and "recipe" not in parsed["ours"]  # the recipe's defaults
+    assert parsed["nnunet"]["recipe"] == "nnunet"
+    resolved = real_data.recipe_settings(real_data.build_command(
+        real_data.VARIANTS[3]["nnunet"], budget, spatial_dims=3, data_dir="/d", seed=3, workers=2, cache_dir="/c",
+        out=tmp_path / "n", base_channels=13))
+    nnunet = json.loads(resolved)[1]
+    assert (nnunet["optimizer"], nnunet["lr"], nnunet["momentum"], nnunet["schedule"], nnunet["fg_prob"],
+            nnunet["fg_sampling"]) == ("sgd", 0.01, 0.99, "poly", 0.33, "per_batch")
     reference = parsed["monai"]
     assert reference["steps"] == 495 and "base_channels" not in reference and "spatial_dims" not in reference
 

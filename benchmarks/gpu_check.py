@@ -720,6 +720,11 @@ def part_in_own_process(context: PartContext, log_path: Path) -> None:
     """Target of the forked process: its own process group, so a timeout stops its workers too."""
     os.setsid()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler is not this process's
+    if context.device.type == "cpu":
+        # A parent that has run OpenMP work (pytest, for --smoke) leaves a forked child a thread pool whose
+        # threads did not survive the fork: its first parallel region would wait forever. One thread, as
+        # DataLoader workers run.
+        torch.set_num_threads(1)
     context.progress = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     run_part(context, log_path)
 

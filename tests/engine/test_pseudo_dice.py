@@ -84,7 +84,12 @@ def test_count_overlaps_and_empty_classes():
 
 
 def score_share(rank, model, patches, rendezvous, results):
-    """One torchrun-like process: its share of the patches, then the all-reduce."""
+    """One torchrun-like process: its share of the patches, then the all-reduce.
+
+    Forked from pytest, whose OpenMP thread pool has already started: a forked child's first parallel region
+    waits for pool threads that did not survive the fork, so the child runs on one thread, as DataLoader
+    workers do."""
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         dice = pseudo_dice(model, patches[rank::2], num_classes=3, device=torch.device("cpu"), amp_dtype=None,

@@ -69,7 +69,7 @@ class Config:
     # sampling and augmentation
     patch: tuple[int, ...] | None = None  # patch size z,y,x (one int: a cube); auto: the median preprocessed shape, shrunk until a step fits the memory of a 128^3 patch at batch 2 and 32 base channels, divisible by the downsampling
     fg_prob: float = 0.33  # share of patches centred on a voxel of a random foreground class (nnU-Net)
-    fg_sampling: str = "per_sample"  # per_sample (each patch draws at fg_prob) or per_batch (round(batch_size x fg_prob) of every batch, nnU-Net)
+    fg_sampling: str = "per_batch"  # per_batch (round(batch_size x fg_prob) of every batch, nnU-Net) or per_sample (each patch draws at fg_prob)
     augment: Augment3DConfig = field(default_factory=Augment3DConfig)  # edit in config.json, pass --config
     # model
     base_channels: int = 32  # feature channels at full resolution, doubled each level up to max_channels
@@ -82,13 +82,13 @@ class Config:
     upsample: str = "transpose"  # transpose (nnU-Net) or interpolate (trilinear + conv)
     deep_supervision: bool = True  # extra losses on the coarser decoder outputs (nnU-Net)
     # optimisation
-    recipe: str = "default"  # default (the settings below) or nnunet (SGD lr 0.01, Nesterov momentum 0.99, poly schedule, a third of every batch on foreground, as nnU-Net); explicit flags override either
-    optimizer: str = "sgd"  # sgd (Nesterov, nnU-Net) or adamw
-    lr: float = 0.01  # initial learning rate (nnU-Net: 0.01 with SGD; ~1e-3 suits AdamW)
-    momentum: float = 0.99  # SGD Nesterov momentum (nnU-Net)
-    weight_decay: float = 3e-5  # L2 penalty (nnU-Net)
-    schedule: str = "poly"  # poly (nnU-Net: lr*(1-t)^0.9) or cosine (with linear warm-up)
-    warmup_steps: int = 0  # cosine only: iterations of linear warm-up
+    recipe: str = "default"  # default (the settings below: AdamW, warm-up, cosine) or nnunet (SGD lr 0.01, Nesterov momentum 0.99, poly schedule, as nnU-Net); explicit flags override either
+    optimizer: str = "adamw"  # adamw (learns in hundreds of steps; measured on real MRI in the README) or sgd (Nesterov, nnU-Net)
+    lr: float = 3e-3  # initial learning rate (after warm-up); nnU-Net's SGD uses 0.01
+    momentum: float = 0.99  # SGD only: Nesterov momentum (nnU-Net)
+    weight_decay: float = 1e-4  # AdamW's decoupled weight decay (nnU-Net's SGD: 3e-5 L2)
+    schedule: str = "cosine"  # cosine (linear warm-up, then half a cosine to 0) or poly (nnU-Net: lr*(1-t)^0.9)
+    warmup_steps: int = 50  # cosine only: iterations of linear warm-up
     grad_clip: float = 12.0  # max gradient norm (nnU-Net); 0 disables
     batch_size: int = 2  # patches per step (per process)
     epochs: int = 1000  # total epochs (a resumed run continues up to this number)
@@ -121,7 +121,8 @@ class Config:
 SYNTHETIC_PROFILE = dict(
     patch=(32, 80, 80), base_channels=8, depth=4, strides=((2, 2, 2),), kernel_sizes=((3, 3, 3),),
     epochs=32, steps_per_epoch=25, val_every=16,
-    fg_prob=0.8, optimizer="adamw", lr=4e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=25,
+    fg_prob=0.8, fg_sampling="per_sample", optimizer="adamw", lr=4e-3, weight_decay=1e-4, schedule="cosine",
+    warmup_steps=25,
     keep_largest=True, tta=True, workers=1)
 
 

@@ -296,6 +296,24 @@ def test_the_phantoms_pinned_network_is_what_the_planner_gives_at_the_default_ma
             assert set(topology.kernel_sizes) == set(profile["kernel_sizes"])
 
 
+def test_real_data_defaults_are_the_measured_recipe_and_the_phantom_keeps_its_own():
+    from engine.config import parse_config
+
+    def settings(*argv):
+        config, _ = parse_config(train_liver3d.Config, list(argv), "", train_liver3d.SYNTHETIC_PROFILE,
+                                 recipes=train_liver3d.RECIPES)
+        return (config.optimizer, config.lr, config.weight_decay, config.schedule, config.warmup_steps,
+                config.fg_prob, config.fg_sampling)
+
+    # Measured on real MRI (README, Real data): AdamW with warm-up and cosine, foreground forced per batch.
+    assert settings("--data-dir", "/data/Task28") == ("adamw", 3e-3, 1e-4, "cosine", 50, 0.33, "per_batch")
+    assert settings("--data-dir", "/data/Task28", "--recipe", "nnunet") == (
+        "sgd", 0.01, 3e-5, "poly", 0, 0.33, "per_batch")
+    assert settings("--data-dir", "/data/Task28", "--recipe", "nnunet", "--lr", "0.02")[:2] == ("sgd", 0.02)
+    # The phantom's figures were measured with patches drawn one by one; its profile says so.
+    assert settings()[-2:] == (0.8, "per_sample")
+
+
 def plan(spacing, shape, **fields):
     config = train_liver3d.Config(**fields)
     return train_liver3d.plan_network(config, spacing, shape, Silent())

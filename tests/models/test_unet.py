@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from models import UNet
+from models.unet import Up
 
 THICK_SLICES = dict(depth=3, strides=((1, 2, 2), (2, 2, 2)), kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3)))
 
@@ -82,16 +83,25 @@ def test_gradients_reach_every_parameter_with_deep_supervision():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def test_interpolation_path_matches_interpolate_then_convolve():
-    # The 1x1 convolution is applied before interpolating; check it equals the classic order.
-    model = UNet(spatial_dims=3, in_channels=1, num_classes=2, base_channels=4, depth=2)
-    up = model.decoder[0]
+@pytest.mark.parametrize("upsample", ["interpolate", "transpose"])
+def test_up_brings_the_input_to_the_skip_size_and_convolves_skip_then_upsampled(upsample):
+    # Odd skip sizes: the transposed convolution's 8, 10, 12 voxels are cropped at the far end; the
+    # interpolation path runs its 1x1x1 convolution before interpolating and must equal the classic
+    # interpolate-then-convolve order.
+    torch.manual_seed(0)
+    up = Up(spatial_dims=3, in_channels=8, skip_channels=4, out_channels=5, norm="group_norm", upsample=upsample,
+            kernel_size=(3, 3, 3), stride=(2, 2, 2)).eval()
     torch.nn.init.normal_(up.up.bias)
-    low = torch.randn(1, 8, 4, 5, 6)
-    size = (7, 9, 11)
-    fast = torch.nn.functional.interpolate(up.up(low), size=size, mode="trilinear")
-    classic = up.up(torch.nn.functional.interpolate(low, size=size, mode="trilinear"))
-    torch.testing.assert_close(fast, classic, rtol=1e-5, atol=1e-5)
+    low, skip = torch.randn(2, 8, 4, 5, 6), torch.randn(2, 4, 7, 9, 11)
+    with torch.no_grad():
+        if upsample == "interpolate":
+            upsampled = up.up(torch.nn.functional.interpolate(low, size=(7, 9, 11), mode="trilinear"))
+        else:
+            upsampled = up.up(low)[:, :, :7, :9, :11]
+        expected = up.block(torch.cat([skip, upsampled], dim=1))
+        output = up(low, skip)
+    assert output.shape == (2, 5, 7, 9, 11)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_kaiming_initialisation_scale():

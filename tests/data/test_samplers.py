@@ -18,6 +18,11 @@ def test_configured_share_of_foreground_slices(share):
     assert len(np.unique(slices)) < len(slices)  # with replacement
 
 
+def test_foreground_slices_share_the_configured_probability_equally():
+    sampler = WeightedSliceSampler(np.array([False, True, False, True, False]), 10, 0.5, seed=0)
+    np.testing.assert_allclose(sampler.probabilities, [1 / 6, 1 / 4, 1 / 6, 1 / 4, 1 / 6])
+
+
 def test_none_draws_every_slice_equally():
     has_foreground = _has_foreground()
     slices = np.array([key[2] for key in WeightedSliceSampler(has_foreground, 6000, None, seed=1)])
@@ -46,8 +51,16 @@ def test_replicas_split_one_draw_without_overlap():
     assert len({key[1] for key in merged}) == len(merged)
 
 
-def test_without_any_foreground_slice_all_slices_are_drawn():
-    sampler = WeightedSliceSampler(np.zeros(10, dtype=bool), 30, 0.5, seed=0)
-    assert {key[2] for key in sampler} <= set(range(10))
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("has_foreground", [np.zeros(10, dtype=bool), np.ones(10, dtype=bool)])
+def test_without_foreground_or_background_slices_every_slice_is_equally_likely(has_foreground):
+    # The share cannot be met: the draws spread evenly over the slices there are, none left out.
+    sampler = WeightedSliceSampler(has_foreground, 2000, 0.5, seed=0)
+    np.testing.assert_array_equal(sampler.probabilities, np.full(10, 0.1))
+    counts = np.bincount([key[2] for key in sampler], minlength=10)
+    assert counts.sum() == 2000 and len(counts) == 10
+    assert counts.min() >= 150 and counts.max() <= 250  # 200 expected each, standard deviation ~13
+
+
+def test_a_share_outside_zero_to_one_is_refused():
+    with pytest.raises(ValueError, match=r"foreground_share must lie in \[0, 1\], got 1.5"):
         WeightedSliceSampler(np.zeros(10, dtype=bool), 30, 1.5, seed=0)

@@ -1,8 +1,15 @@
+import dataclasses
+import json
+import os
+import random
+import re
+
+import numpy as np
 import pytest
 import torch
 
 import engine.runtime as runtime
-from engine.runtime import resolve_amp_dtype, start_run
+from engine.runtime import metric_key, pick_device, resolve_amp_dtype, seed_everything, start_run, surface_scores
 
 
 @pytest.mark.parametrize("fast_bf16, expected", [(True, torch.bfloat16), (False, None)])
@@ -42,3 +49,81 @@ def test_a_run_with_amp_on_a_cpu_without_bf16_kernels_stays_fp32_and_says_so(tmp
     assert device == torch.device("cpu") and amp_dtype is None and workers == 3
     lines = [line for line in capsys.readouterr().out.splitlines() if "--amp" in line]
     assert len(lines) == 1 and "fp32" in lines[0] and "--amp-dtype bf16" in lines[0]
+
+
+def test_metric_keys_name_the_label_in_lower_case_with_underscores():
+    assert metric_key("Left Atrium") == "dice_left_atrium"
+    assert metric_key(" Liver ", "hd95") == "hd95_liver"
+
+
+def test_surface_scores_are_flat_keys_per_label():
+    surface_mean = {1: {"hd95_mm": 3.5, "nsd": 0.8, "volume_ml": 120.0}, 2: {"hd95_mm": 7.0, "nsd": 0.5}}
+    assert surface_scores(surface_mean, {0: "background", 1: "liver", 2: "Liver Tumour"}) == {
+        "hd95_liver": 3.5, "nsd_liver": 0.8, "hd95_liver_tumour": 7.0, "nsd_liver_tumour": 0.5}
+
+
+def test_a_seed_repeats_the_python_numpy_and_torch_draws():
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    seed_everything(3, deterministic=False)
+    first = draws()
+    seed_everything(3, deterministic=False)
+    assert draws() == first
+    seed_everything(4, deterministic=False)
+    assert all(a != b for a, b in zip(draws(), first))
+
+
+@pytest.mark.parametrize("preset, expected", [(None, ":4096:8"), (":16:8", ":16:8")])
+def test_deterministic_seeding_forces_deterministic_kernels_and_keeps_a_set_cublas_workspace(monkeypatch, preset,
+                                                                                            expected):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", preset or "")
+    if preset is None:
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        seed_everything(0, deterministic=True)
+        # warn_only: an op without a deterministic kernel must not stop a run.
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == expected
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def test_pick_device_prefers_cuda_falls_back_to_the_cpu_and_refuses_a_missing_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(SystemExit, match="--device cuda:1: CUDA is not available here"):
+        pick_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == torch.device("cuda")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    out: str
+    device: str = "cpu"
+    amp: bool = False
+    amp_dtype: str = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    workers: int | None = None
+
+
+def test_start_run_saves_the_config_as_given_and_refuses_a_folder_holding_a_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(runtime, "default_workers", lambda: 5)
+    config = RunConfig(out=str(tmp_path / "run"))
+    out, device, amp_dtype, workers, logger = start_run(config, resume=None)
+    logger.close()
+    assert (out, device, amp_dtype, workers) == (tmp_path / "run", torch.device("cpu"), None, 5)
+    # workers stays none in config.json, so a repeat on another machine sizes them to that machine.
+    assert json.loads((out / "config.json").read_text()) == dataclasses.asdict(config)
+    (out / "last.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="already holds a run .* --resume " + re.escape(str(out / "last.pt"))):
+        start_run(config, resume=None)
+    *_, logger = start_run(config, resume=str(out / "last.pt"))
+    logger.close()

@@ -26,6 +26,10 @@ def test_resampling_keeps_physical_extent_and_classes(spacing, target):
         old_mm = np.any(label > 0, axis=other).sum() * spacing[axis]
         new_mm = np.any(resampled > 0, axis=other).sum() * target[axis]
         assert abs(new_mm - old_mm) <= target[axis] + 1e-9
+    # ... and its centre stays put, within half a voxel of the new grid (voxel i's centre at (i + 0.5) * spacing).
+    old_centre = (np.argwhere(label > 0) + 0.5).mean(axis=0) * spacing
+    new_centre = (np.argwhere(resampled > 0) + 0.5).mean(axis=0) * target
+    assert np.all(np.abs(new_centre - old_centre) <= np.array(target) / 2)
 
 
 def test_resampling_image_reproduces_a_linear_ramp():
@@ -47,3 +51,47 @@ def test_anisotropic_volume_uses_nearest_neighbour_across_slices():
     # In-plane size unchanged, so every new slice must be an exact copy of one source slice.
     np.testing.assert_allclose(resampled[0, 0::2], image[0], atol=1e-5)
     np.testing.assert_allclose(resampled[0, 1::2], image[0], atol=1e-5)
+
+
+def test_resampled_shape_covers_the_same_extent_with_at_least_one_voxel():
+    # 10 x 2.5 mm = 25 x 1 mm; 20 x 0.8 mm = 10 x 1.6 mm; 31 x 0.8 mm = 24.8 mm, about 20.7 x 1.2 mm.
+    assert resampled_shape((10, 20, 31), (2.5, 0.8, 0.8), (1.0, 1.6, 1.2)) == (25, 10, 21)
+    assert resampled_shape((2, 3, 1), (1.0, 1.0, 1.0), (5.0, 5.0, 5.0)) == (1, 1, 1)
+
+
+def test_the_thick_slice_axis_is_taken_from_the_source_spacing_first():
+    assert separate_axis((1.0, 1.0, 5.0), (1.0, 1.0, 1.0)) == 2
+    assert separate_axis((1.0, 1.0, 1.0), (4.0, 1.0, 1.0)) == 0  # an isotropic scan made thick
+    assert separate_axis((5.0, 1.0, 1.0), (1.0, 1.0, 4.0)) == 0  # the source's thick axis wins
+    assert separate_axis((1.0, 1.0, 3.0), (1.0, 1.0, 1.0)) is None  # a ratio above 3 is thick, 3 is not
+    assert separate_axis((0.8, 0.7, 2.0), (1.0, 1.0, 1.0)) is None
+
+
+def test_an_unchanged_shape_returns_copies_as_float32_and_uint8():
+    image = np.arange(2 * 3 * 4 * 5, dtype=np.int16).reshape(2, 3, 4, 5)
+    resampled = resample_image(image, (3, 4, 5), None)
+    assert resampled.dtype == np.float32 and not np.shares_memory(resampled, image)
+    np.testing.assert_array_equal(resampled, image)
+    label = (image[0] % 3).astype(np.uint8)
+    copy = resample_label(label, (3, 4, 5), None)
+    assert copy.dtype == np.uint8 and not np.shares_memory(copy, label)
+    np.testing.assert_array_equal(copy, label)
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_channels_are_resampled_alike_and_apart(axis):
+    # The spline is linear and its weights sum to one: an affine function of a channel resamples to the
+    # same function of the resampled channel, and a constant stays constant.
+    first = np.random.default_rng(0).normal(size=(9, 11, 13)).astype(np.float32)
+    image = np.stack([first, 3 * first + 2, np.full_like(first, 7.0)])
+    resampled = resample_image(image, (17, 8, 10), axis)
+    assert resampled.shape == (3, 17, 8, 10) and resampled.dtype == np.float32
+    np.testing.assert_allclose(resampled[1], 3 * resampled[0] + 2, atol=1e-4)
+    np.testing.assert_allclose(resampled[2], 7.0, atol=1e-5)
+
+
+def test_labels_across_thick_slices_are_copied_from_the_nearest_slice():
+    label = np.random.default_rng(0).integers(0, 3, size=(5, 9, 10)).astype(np.uint8)
+    resampled = resample_label(label, (10, 9, 10), axis=0)
+    np.testing.assert_array_equal(resampled[0::2], label)
+    np.testing.assert_array_equal(resampled[1::2], label)

@@ -172,6 +172,7 @@ def test_benchmark_times_steps_across_epochs_and_writes_no_checkpoint(tmp_path, 
     assert not list((tmp_path / "bench").glob("*.pt"))
 
 
+@pytest.mark.slow  # a training process killed, then a second one resuming
 def test_a_run_killed_at_a_random_moment_resumes_to_the_same_result(tmp_path, cache_dir):
     # SIGKILL gives the process no chance to clean up: whatever last.pt holds must be whole, and the
     # resumed run must end where an uninterrupted one does.

@@ -136,6 +136,7 @@ def test_compiled_training_traces_no_graph_after_its_first_epoch(tmp_path, cache
     assert traced > 0 and counts == {"train_one_epoch": [traced] * 2, "validate": [traced] * 2}
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_torchrun_two_cpu_processes_train_with_batch_norm_and_rank_zero_alone_writes(tmp_path, cache_dir):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 PARTS = ["environment", "liver_train", "liver_resume", "predict", "steps_3d", "steps_2d", "sliding_window", "loader"]
 
 
+@pytest.mark.slow  # the check in a process of its own, each part forked from it
 def test_smoke_run_measures_every_part_and_prints_one_table(tmp_path):
     completed = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out", str(tmp_path)],
                                cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
@@ -59,6 +60,7 @@ def test_smoke_run_measures_every_part_and_prints_one_table(tmp_path):
         assert (tmp_path / "logs" / f"{name}.log").exists()
 
 
+@pytest.mark.slow  # each part in a forked process
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="parts run in forked processes")
 def test_a_part_that_fails_or_overruns_is_flagged_and_the_others_still_run(tmp_path, monkeypatch):
     def overrun(context):
@@ -98,6 +100,7 @@ def test_a_part_that_fails_or_overruns_is_flagged_and_the_others_still_run(tmp_p
     assert json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["fine"]["rows"][0]["measured"] == "42"
 
 
+@pytest.mark.slow  # each part in a forked process
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="parts run in forked processes")
 def test_sigterm_stops_the_running_part_and_writes_what_was_measured(tmp_path, monkeypatch):
     def terminate_the_check(context):

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # the benchmarks in a process of their own
 def test_quick_benchmark_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "results.json"
     completed = subprocess.run(
@@ -28,6 +31,7 @@ def test_quick_benchmark_prints_the_table_and_writes_json(tmp_path):
         assert peer in report
 
 
+@pytest.mark.slow  # the benchmarks in a process, the training script in another
 def test_end_to_end_part_times_the_training_script_with_extra_flags(tmp_path):
     out = tmp_path / "results.json"
     flags = "--synthetic-matrix 24 --synthetic-cases 4 --patch 16,24,24 --base-channels 4 --depth 3"

@@ -161,6 +161,7 @@ def test_epoch_sampler_yields_keys_of_the_current_epoch():
     assert list(sampler) == [(5, 0), (5, 1), (5, 2), (5, 3)]
 
 
+@pytest.mark.slow  # two spawned worker processes
 def test_spawned_workers_give_the_same_batches_as_the_main_process(cache_dir):
     augment = dataclasses.replace(Augment3DConfig(), p_rotation=0.5, p_elastic=0.3)
     dataset = _dataset(cache_dir, augment)

@@ -99,6 +99,7 @@ def score_share(rank, model, patches, rendezvous, results):
     (results / f"rank{rank}.json").write_text(json.dumps(dice))
 
 
+@pytest.mark.slow  # two gloo processes
 def test_two_gloo_processes_give_the_figure_of_one(tmp_path):
     torch.manual_seed(0)
     model = UNet(spatial_dims=3, in_channels=1, num_classes=3, base_channels=4, depth=2).eval()

@@ -144,6 +144,7 @@ def train_under_ddp_with_nan_on_rank_one(rank: int, world_size: int, store: str,
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo processes
 def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     # Two gloo processes on the CPU, as torchrun would start them.
     world_size = 2

@@ -35,7 +35,7 @@ from data.splits import PATIENT_PATTERN, count_patients, split_cases
 from data.synthetic.liver import ensure_liver_phantom
 from engine.benchmark import benchmark_training
 from engine.checkpoint import load_checkpoint, resume_training, save_checkpoint, training_state
-from engine.config import parse_config, save_config
+from engine.config import check_sizes, parse_config, save_config
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.evaluate import evaluate
 from engine.inference import default_window_batch_size, trained_flips
@@ -287,6 +287,7 @@ def write_metrics(validation: dict, labels: dict[int, str], out: Path) -> None:
 
 def main(argv: list[str]) -> dict:
     config, resume = parse_config(Config, argv, __doc__, SYNTHETIC_PROFILE, recipes=RECIPES)
+    check_sizes("--patch", config.patch, axes="z,y,x")
     if config.fg_sampling not in ("per_sample", "per_batch"):
         raise SystemExit(f"--fg-sampling {config.fg_sampling}: choose per_sample or per_batch")
     check_validation_settings(config)

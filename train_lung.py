@@ -22,7 +22,7 @@ from pathlib import Path
 from data.augment2d import Augment2DConfig
 from data.splits import PATIENT_PATTERN
 from data.synthetic.lung import ensure_lung_phantom
-from engine.config import parse_config
+from engine.config import check_sizes, parse_config
 from engine.recipe2d import train_slice_segmentation
 
 
@@ -91,6 +91,7 @@ SYNTHETIC_PROFILE = dict(
 
 def main(argv: list[str]) -> dict:
     config, resume = parse_config(Config, argv, __doc__, SYNTHETIC_PROFILE)
+    check_sizes("--image-size", config.image_size, axes="H,W")
 
     def make_phantom(root: Path) -> Path:
         return ensure_lung_phantom(root, num_cases=config.synthetic_cases, matrix=config.synthetic_matrix)

@@ -173,6 +173,18 @@ def parse_config(config_class: type, argv: list[str], description: str, syntheti
     return config_from_dict(config_class, values), resume
 
 
+def check_sizes(flag: str, sizes: tuple[int, ...] | None, axes: str) -> None:
+    """Stop unless ``sizes`` holds one positive int (the same along every axis) or one per axis of
+    ``axes`` (e.g. ``"z,y,x"``); None (planned later) passes. Checked right after parsing: a patch
+    with two sizes for a 3D network would otherwise fail deep inside augmentation."""
+    if sizes is None:
+        return
+    count = len(axes.split(","))
+    if len(sizes) not in (1, count) or min(sizes) < 1:
+        raise SystemExit(f"{flag} {','.join(str(size) for size in sizes)}: give 1 or {count} positive integers "
+                         f"({axes}; one: the same along every axis)")
+
+
 def recipe_settings(recipes: dict[str, dict], name: str, defaults: dict) -> dict:
     """The fields a named recipe sets: ``recipes[name]``, or for the recipe of the dataclass defaults
     those defaults of every field some recipe changes, so switching back is complete."""

@@ -57,6 +57,15 @@ def test_run_folder_metrics_and_predictions_in_source_geometry(tmp_path, cache_d
     assert list(out.glob("events.out.tfevents.*"))
 
 
+@pytest.mark.parametrize("image_size, given", [("24,24,24", "24,24,24"), ("0", "0,0"), ("24,-1", "24,-1")])
+def test_an_image_size_of_the_wrong_length_or_not_positive_stops_at_parsing(tmp_path, image_size, given):
+    # The task folder does not exist: the check must come before any data is read or folder written.
+    with pytest.raises(SystemExit, match=f"^--image-size {given}: give 1 or 2 positive integers \\(H,W"):
+        train_atrium.main(["--data-dir", str(tmp_path / "missing"), "--image-size", image_size, "--out",
+                           str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_finishes_the_same_run_and_existing_runs_are_kept(tmp_path, cache_dir, monkeypatch):
     full = run(tmp_path / "full", cache_dir, "--epochs", "2")
     save_checkpoint = recipe2d.save_checkpoint

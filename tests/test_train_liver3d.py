@@ -1,6 +1,7 @@
 """End-to-end runs of the 3D recipe on tiny synthetic data: it learns, resumes exactly, repeats
 exactly, and trains on another task layout unchanged."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -86,6 +87,22 @@ def test_unusable_validation_settings_stop_before_training(tmp_path, cache_dir):
     with pytest.raises(SystemExit, match="window-batch-size 0"):
         run(tmp_path / "b", cache_dir, "--window-batch-size", "0")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("patch", ["16,24", "16,24,24,8", "0,32,32", "-8"])
+def test_a_patch_of_the_wrong_length_or_not_positive_stops_at_parsing(tmp_path, patch):
+    # The task folder does not exist: the check must come before any data is read or folder written.
+    with pytest.raises(SystemExit, match=f"^--patch {patch}: give 1 or 3 positive integers \\(z,y,x"):
+        train_liver3d.main(["--data-dir", str(tmp_path / "missing"), "--patch", patch, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_saved_config_with_a_two_axis_patch_stops_at_parsing(tmp_path):
+    config = dataclasses.asdict(train_liver3d.Config(data_dir=str(tmp_path / "missing"), out=str(tmp_path / "run")))
+    config["patch"] = [16, 24]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="^--patch 16,24: give 1 or 3"):
+        train_liver3d.main(["--config", str(tmp_path / "config.json")])
 
 
 def test_a_second_start_and_a_resume_open_no_scan(tmp_path, cache_dir, monkeypatch):

@@ -2,6 +2,7 @@
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 import train_lung
 from data.synthetic.msd_layout import write_msd_dataset
@@ -15,6 +16,15 @@ def test_tiny_phantom_run_scores_every_validation_case(tmp_path):
     assert set(metrics) == {"dice", "dice_tumour", "dice_mean", "slice_averaged_dice", "hd95_tumour", "nsd_tumour"}
     assert all(np.isfinite(v) and (k == "hd95_tumour" or 0 <= v <= 1) for k, v in metrics.items())
     assert len((tmp_path / "run" / "dice_per_case.csv").read_text().splitlines()) == 1 + 3
+
+
+@pytest.mark.parametrize("image_size, given", [("24,24,24", "24,24,24"), ("0", "0,0"), ("24,-1", "24,-1")])
+def test_an_image_size_of_the_wrong_length_or_not_positive_stops_at_parsing(tmp_path, image_size, given):
+    # The task folder does not exist: the check must come before any data is read or folder written.
+    with pytest.raises(SystemExit, match=f"^--image-size {given}: give 1 or 2 positive integers \\(H,W"):
+        train_lung.main(["--data-dir", str(tmp_path / "missing"), "--image-size", image_size, "--out",
+                         str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 def test_data_dir_with_a_fixed_hounsfield_window_and_other_losses(tmp_path):

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from engine.config import build_parser, config_from_dict, field_comments, parse_config
+from engine.config import build_parser, check_sizes, config_from_dict, field_comments, parse_config
 
 
 @dataclass
@@ -87,6 +87,19 @@ def test_parse_config_precedence_and_single_values_for_tuples(tmp_path):
     save_config(ToyConfig(lr=0.2, fold=3), tmp_path / "config.json")
     config, _ = parse_config(ToyConfig, ["--config", str(tmp_path / "config.json"), "--fold", "1"], "toy", profile)
     assert (config.lr, config.fold) == (0.2, 1)  # the saved file, then the flag
+
+
+def test_sizes_are_one_or_one_per_axis_and_positive():
+    for sizes in (None, (32,), (16, 32, 48)):  # planned, a cube, one per axis
+        check_sizes("--patch", sizes, axes="z,y,x")
+    check_sizes("--image-size", (1, 256), axes="H,W")
+    for sizes, given in [((16, 24), "16,24"), ((8, 8, 8, 8), "8,8,8,8"), ((0,), "0"), ((32, -1, 32), "32,-1,32")]:
+        with pytest.raises(SystemExit) as stop:
+            check_sizes("--patch", sizes, axes="z,y,x")
+        assert str(stop.value) == (f"--patch {given}: give 1 or 3 positive integers "
+                                   "(z,y,x; one: the same along every axis)")
+    with pytest.raises(SystemExit, match=r"^--image-size 24,24,24: give 1 or 2 positive integers \(H,W;"):
+        check_sizes("--image-size", (24, 24, 24), axes="H,W")
 
 
 @dataclass

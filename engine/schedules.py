@@ -12,7 +12,8 @@ def poly_schedule(optimizer: torch.optim.Optimizer, total_steps: int, exponent: 
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
-    """Linear warm-up from 0 over ``warmup_steps``, then half a cosine down to 0 at ``total_steps``.
+    """Linear warm-up over ``warmup_steps`` (step k at (k + 1) / warmup_steps of the rate, so the first
+    step already moves), then half a cosine down to 0 at ``total_steps``.
     Warm-up keeps Adam's first steps, taken with poor second-moment estimates, small."""
 
     def factor(step: int) -> float:

@@ -58,6 +58,7 @@ from engine.inference import pad_to_roi
 from engine.logging import RunLogger
 from engine.metrics import dice_per_class
 from engine.recipe2d import prepare_volumes
+from engine.results import write_metrics
 from engine.runtime import metric_key, pick_device, surface_scores
 from engine.surface_metrics import mean_surface_metrics, surface_metrics_per_class
 
@@ -282,14 +283,7 @@ def validate(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], 
 def write_results(validation: dict, *, labels: dict[int, str], summary: dict, out: Path) -> None:
     """metrics.json (the recipes' keys), dice_per_case.csv (Dice, HD95 and NSD per class and case),
     summary.json (times, split, settings)."""
-    (out / "metrics.json").write_text(json.dumps(validation["scores"], indent=2) + "\n")
-    classes = [k for k in sorted(labels) if k > 0]
-    rows = ["case," + ",".join(metric_key(labels[k], metric) for metric in ("dice", "hd95", "nsd") for k in classes)]
-    for case_id, dice in validation["per_case"].items():
-        surface = validation["surface_per_case"][case_id]
-        values = [dice[k] for k in classes] + [surface[k][key] for key in ("hd95_mm", "nsd") for k in classes]
-        rows.append(case_id + "," + ",".join(f"{value:.6f}" for value in values))
-    (out / "dice_per_case.csv").write_text("\n".join(rows) + "\n")
+    write_metrics(validation, labels, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 

@@ -2,11 +2,10 @@
 
 Both scripts keep their own config, defaults and phantom; the recipe they share lives here, top to
 bottom in `train_slice_segmentation`, over the steps it is made of: reading and caching the volumes,
-the loss by name, volume-level validation with its pictures, and the metrics files.
+the loss by name, and volume-level validation with its pictures.
 """
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from engine.layout import resolve_memory_format, resolve_norm
 from engine.logging import RunLogger
 from engine.optim import build_optimizer
 from engine.loader import build_loader
+from engine.results import write_metrics
 from engine.runtime import metric_key, start_run, surface_scores
 from engine.slicewise import evaluate_slicewise, montage, save_montage
 from engine.train import train_one_epoch
@@ -146,23 +146,6 @@ def validate_volumes(model, entry: Path, val_ids: list[str], *, labels: dict[int
     return {"scores": scores, "per_case": results["per_case"],
             "per_case_slice_averaged": results["per_case_slice_averaged"],
             "surface_per_case": results["surface_per_case"]}
-
-
-def write_metrics(validation: dict, labels: dict[int, str], out: Path) -> None:
-    """metrics.json (flat numeric keys) and dice_per_case.csv (3D Dice per class, the slice-averaged
-    Dice, HD95 in mm and NSD per class, of every validation case)."""
-    (out / "metrics.json").write_text(json.dumps(validation["scores"], indent=2) + "\n")
-    classes = [k for k in sorted(labels) if k > 0]
-    names = [metric_key(labels[k]) for k in classes]
-    rows = ["case," + ",".join(names + [f"slice_averaged_{name}" for name in names]
-                               + [metric_key(labels[k], metric) for metric in ("hd95", "nsd") for k in classes])]
-    for case_id, dice in validation["per_case"].items():
-        slice_averaged = validation["per_case_slice_averaged"][case_id]
-        surface = validation["surface_per_case"][case_id]
-        values = ([dice[k] for k in classes] + [slice_averaged[k] for k in classes]
-                  + [surface[k][key] for key in ("hd95_mm", "nsd") for k in classes])
-        rows.append(case_id + "," + ",".join(f"{value:.6f}" for value in values))
-    (out / "dice_per_case.csv").write_text("\n".join(rows) + "\n")
 
 
 def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[[Path], Path], task: str,

@@ -2,7 +2,7 @@
 
 Both scripts keep their own config, defaults and phantom; the recipe they share lives here, top to
 bottom in `train_slice_segmentation`, over the steps it is made of: reading and caching the volumes,
-the loss by name, and volume-level validation with its pictures.
+and volume-level validation with its pictures.
 """
 
 import dataclasses
@@ -32,10 +32,8 @@ from engine.results import write_metrics
 from engine.runtime import metric_key, start_run, surface_scores
 from engine.slicewise import evaluate_slicewise, montage, save_montage
 from engine.train import train_one_epoch
-from losses import BCEDiceLoss, BCELoss, DiceCELoss, DiceLoss
+from losses import build_loss
 from models import UNet
-
-LOSSES = ("dice", "bce", "bce_dice")
 
 
 def prepare_volumes(data_dir: str | None, make_phantom: Callable[[Path], Path], cache_dir: str,
@@ -85,20 +83,6 @@ def prepare_volumes(data_dir: str | None, make_phantom: Callable[[Path], Path], 
 def num_outputs(labels: dict[int, str]) -> int:
     """One sigmoid logit for a single foreground class (left atrium, tumour), else one per class."""
     return 1 if len(labels) == 2 else len(labels)
-
-
-def build_loss(name: str, outputs: int) -> torch.nn.Module:
-    """`dice` (soft Dice over the batch), `bce` (binary cross-entropy) or `bce_dice` (their sum; with
-    several classes, cross-entropy + Dice)."""
-    if name not in LOSSES:
-        raise SystemExit(f"--loss {name}: choose one of {', '.join(LOSSES)}")
-    if outputs == 1:
-        # Batch Dice: a slice without the finding would otherwise score 0 however small its error.
-        return {"dice": lambda: DiceLoss(batch_dice=True, activation="sigmoid"), "bce": BCELoss,
-                "bce_dice": BCEDiceLoss}[name]()
-    if name == "bce":
-        raise SystemExit("--loss bce needs one foreground class; use dice or bce_dice for several.")
-    return DiceLoss(batch_dice=True) if name == "dice" else DiceCELoss(batch_dice=True)
 
 
 def validate_volumes(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], outputs: int, axis: int,

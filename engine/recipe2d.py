@@ -1,8 +1,7 @@
 """Steps shared by the 2D slice recipes (`train_atrium.py`, `train_lung.py`).
 
 Both scripts keep their own config, defaults and phantom; the recipe they share lives here, top to
-bottom in `train_slice_segmentation`, over the steps it is made of: reading and caching the volumes,
-and volume-level validation with its pictures.
+bottom in `train_slice_segmentation`, over the step it is made of: reading and caching the volumes.
 """
 
 import dataclasses
@@ -10,14 +9,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from data.intensity import ct_window_statistics
 from data.msd import DatasetError, read_msd_dataset
-from data.preprocess import PreprocessPlan, load_preprocessed_case, plan_preprocessing, preprocess_dataset, \
-    save_prediction
+from data.preprocess import PreprocessPlan, plan_preprocessing, preprocess_dataset
 from data.samplers import WeightedSliceSampler
 from data.slices import SliceDataset
 from data.splits import count_patients, split_cases
@@ -29,8 +26,8 @@ from engine.logging import RunLogger
 from engine.optim import build_optimizer
 from engine.loader import build_loader
 from engine.results import write_metrics
-from engine.runtime import metric_key, start_run, surface_scores
-from engine.slicewise import evaluate_slicewise, montage, save_montage
+from engine.runtime import start_run
+from engine.slicewise import num_outputs, validate_volumes
 from engine.train import train_one_epoch
 from losses import build_loss
 from models import UNet
@@ -78,58 +75,6 @@ def prepare_volumes(data_dir: str | None, make_phantom: Callable[[Path], Path], 
                 f"{len(dataset.modality)} channel(s) {dataset.modality}, classes {dataset.labels}, "
                 f"spacing {plan.target_spacing} mm, cache {entry}")
     return dataset, plan, entry, train_ids, val_ids
-
-
-def num_outputs(labels: dict[int, str]) -> int:
-    """One sigmoid logit for a single foreground class (left atrium, tumour), else one per class."""
-    return 1 if len(labels) == 2 else len(labels)
-
-
-def validate_volumes(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], outputs: int, axis: int,
-                     image_size: tuple[int, int], fit: str, largest_component: bool, spacing: tuple[float, ...],
-                     tolerance_mm: float, device: torch.device, amp_dtype: torch.dtype | None,
-                     logger: RunLogger, epoch: int, save_dir: Path | None = None) -> dict:
-    """Volume-level validation: every slice predicted, stacked, 3D Dice, HD95 and normalised surface
-    Dice (at ``tolerance_mm``, on the grid of ``spacing`` mm) per case and class.
-
-    The first case's montage goes to TensorBoard; with `save_dir`, every prediction is written as
-    NIfTI in its source geometry (it overlays the original scan in ITK-SNAP or 3D Slicer) and as a
-    PNG montage.
-
-    Returns:
-        ``{"scores": flat metrics, "per_case": {case: {class: dice}}, "per_case_slice_averaged": ...}``;
-        scores hold ``dice`` (mean 3D Dice of the foreground over cases; the mean over foreground
-        classes when there are several), ``dice_<label>``, ``dice_mean``, ``slice_averaged_dice``
-        (mean over slices, empty slices included: not a 3D figure), ``hd95_<label>`` (mm) and
-        ``nsd_<label>``.
-    """
-    def on_prediction(case_id, image, label, prediction):
-        if case_id == val_ids[0] or save_dir is not None:
-            picture = montage(image, label, prediction, axis)
-            if case_id == val_ids[0]:
-                logger.image(f"val/{case_id}", picture, epoch)
-            if save_dir is not None:
-                save_montage(picture, save_dir / f"{case_id}.png")
-                save_prediction(prediction, load_preprocessed_case(entry, case_id).properties,
-                                save_dir / f"{case_id}.nii.gz")
-
-    if save_dir is not None:
-        save_dir.mkdir(parents=True, exist_ok=True)
-    cases = ((case_id, np.asarray(case.image), np.asarray(case.label)) for case_id in val_ids
-             for case in [load_preprocessed_case(entry, case_id)])
-    results = evaluate_slicewise(model, cases, num_classes=outputs, axis=axis, image_size=image_size, fit=fit,
-                                 device=device, amp_dtype=amp_dtype, largest_component=largest_component, on_prediction=on_prediction,
-                                 spacing=spacing, tolerance_mm=tolerance_mm)
-    per_class = {metric_key(labels[k]): v for k, v in results["mean"].items()}
-    scores = {"dice": float(np.mean(list(per_class.values()))), **per_class,
-              "dice_mean": float(np.mean(list(per_class.values()))),
-              "slice_averaged_dice": float(np.mean(list(results["slice_averaged"].values()))),
-              **surface_scores(results["surface_mean"], labels)}
-    logger.scalars(scores, epoch, prefix="val/")
-    logger.info("validation (3D Dice per case, mean): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-    return {"scores": scores, "per_case": results["per_case"],
-            "per_case_slice_averaged": results["per_case_slice_averaged"],
-            "surface_per_case": results["surface_per_case"]}
 
 
 def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[[Path], Path], task: str,

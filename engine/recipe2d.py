@@ -1,7 +1,7 @@
 """Steps shared by the 2D slice recipes (`train_atrium.py`, `train_lung.py`).
 
 Both scripts keep their own config, defaults and phantom; the recipe they share lives here, top to
-bottom in `train_slice_segmentation`, over the step it is made of: reading and caching the volumes.
+bottom in `train_slice_segmentation`.
 """
 
 import dataclasses
@@ -12,69 +12,21 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from data.intensity import ct_window_statistics
-from data.msd import DatasetError, read_msd_dataset
-from data.preprocess import PreprocessPlan, plan_preprocessing, preprocess_dataset
 from data.samplers import WeightedSliceSampler
 from data.slices import SliceDataset
-from data.splits import count_patients, split_cases
 from engine.benchmark import benchmark_training
-from engine.checkpoint import load_checkpoint, resume_training, save_checkpoint, training_state
+from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.layout import resolve_memory_format, resolve_norm
-from engine.logging import RunLogger
 from engine.optim import build_optimizer
 from engine.loader import build_loader
 from engine.results import write_metrics
 from engine.runtime import start_run
 from engine.slicewise import num_outputs, validate_volumes
 from engine.train import train_one_epoch
+from engine.volumes import prepare_volumes
 from losses import build_loss
 from models import UNet
-
-
-def prepare_volumes(data_dir: str | None, make_phantom: Callable[[Path], Path], cache_dir: str,
-                    val_fraction: float, split_seed: int, fold: int | None, spacing: tuple[float, ...] | None,
-                    hu_window: tuple[float, ...] | None, workers: int | None, logger: RunLogger, *,
-                    patient_pattern: str, splits_file: str | None, resume: str | None = None):
-    """Read the task folder (or generate the phantom), split by patient (`data/splits.py`: cases
-    grouped by ``patient_pattern``, or fold ``fold`` of ``splits_file``), preprocess once into the cache.
-
-    MRI channels are z-scored per volume; CT channels get the foundation's foreground statistics or,
-    with `hu_window` (lower, upper), that fixed Hounsfield window mapped onto [-1, 1]. A later start
-    plans from the cached fingerprints and opens no scan unless one changed; a resumed run (`resume`,
-    its checkpoint) keeps the plan its weights were trained with. `workers` none: preprocessing's own
-    default (a full-resolution CT takes a few GB per process).
-
-    Returns:
-        dataset, plan, cache entry, training case ids, validation case ids.
-    """
-    cache_dir = Path(cache_dir)
-    root = make_phantom(cache_dir / "synthetic") if data_dir is None else Path(data_dir)
-    dataset = read_msd_dataset(root)
-    case_ids = [case.case_id for case in dataset.cases]
-    try:
-        train_ids, val_ids = split_cases(case_ids, val_fraction, split_seed, fold, patient_pattern=patient_pattern,
-                                         splits_file=splits_file)
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
-    # Intensity statistics come from all labelled cases, as in train_liver3d.py, so folds share a cache.
-    if resume:  # the plan the weights were trained with, its HU window included
-        plan = PreprocessPlan.from_dict(load_checkpoint(resume)["plan"])
-    else:
-        plan = plan_preprocessing(dataset, case_ids, cache_dir=cache_dir, target_spacing=spacing, workers=workers)
-        if hu_window is not None:
-            if "ct" not in plan.channel_schemes:
-                raise DatasetError(f"--hu-window needs a CT channel; {dataset.name} has {dataset.modality}.")
-            statistics = [ct_window_statistics(*hu_window) if scheme == "ct" else values
-                          for scheme, values in zip(plan.channel_schemes, plan.channel_statistics)]
-            plan = dataclasses.replace(plan, channel_statistics=statistics)
-    entry = preprocess_dataset(dataset, plan, cache_dir, case_ids, workers=workers)
-    logger.info(f"{dataset.name}: {len(train_ids)} training / {len(val_ids)} validation cases "
-                f"({count_patients(train_ids, patient_pattern)} / {count_patients(val_ids, patient_pattern)} patients), "
-                f"{len(dataset.modality)} channel(s) {dataset.modality}, classes {dataset.labels}, "
-                f"spacing {plan.target_spacing} mm, cache {entry}")
-    return dataset, plan, entry, train_ids, val_ids
 
 
 def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[[Path], Path], task: str,
@@ -99,10 +51,11 @@ def train_slice_segmentation(config, resume: str | None, make_phantom: Callable[
     # Data: every slice of the training volumes, read from the memory-mapped cache; the sampler hands
     # (epoch, index, slice) keys to the workers, so every sample is reproducible whatever the workers.
     with main_process_first():  # under torchrun rank 0 fills the cache, the others then read it
+        data_dir = make_phantom(Path(config.cache_dir) / "synthetic") if config.data_dir is None else config.data_dir
         dataset, plan, entry, train_ids, val_ids = prepare_volumes(
-            config.data_dir, make_phantom, config.cache_dir, config.val_fraction, config.split_seed, config.fold,
-            config.spacing, hu_window, config.workers, logger, patient_pattern=config.patient_pattern,
-            splits_file=config.splits_file, resume=resume)
+            data_dir, config.cache_dir, logger, val_fraction=config.val_fraction, split_seed=config.split_seed,
+            fold=config.fold, patient_pattern=config.patient_pattern, splits_file=config.splits_file,
+            spacing=config.spacing, hu_window=hu_window, workers=config.workers, resume=resume)
     train_data = SliceDataset(entry, train_ids, config.slice_axis, config.image_size, config.fit, config.augment,
                               config.seed)
     sampler = WeightedSliceSampler(train_data.slice_has_foreground, config.samples_per_epoch,

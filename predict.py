@@ -46,9 +46,8 @@ from engine.inference import predict_probabilities, trained_flips
 from engine.layout import resolve_memory_format, resolve_norm
 from engine.metrics import dice_per_class
 from engine.postprocess import keep_largest_foreground
-from engine.recipe2d import num_outputs
 from engine.runtime import has_fast_cpu_bf16, pick_device, resolve_amp_dtype
-from engine.slicewise import keep_largest_component, montage, predict_volume_slicewise, save_montage
+from engine.slicewise import keep_largest_component, montage, num_outputs, predict_volume_slicewise, save_montage
 from engine.surface_metrics import surface_metrics_per_class
 from models import UNet
 from models.resnet import ResNet18Classifier
@@ -202,7 +201,7 @@ def build_segmentation_model(checkpoint: dict, path: str, spatial_dims: int, pla
 
 def segmentation_outputs(spatial_dims: int, plan: PreprocessPlan) -> int:
     """Logits of the recipe's U-Net: one per class in 3D; in 2D one sigmoid logit for a single
-    foreground class (engine/recipe2d.py)."""
+    foreground class (engine/slicewise.py)."""
     return len(plan.labels) if spatial_dims == 3 else num_outputs(plan.labels)
 
 

@@ -6,21 +6,39 @@
     python train_atrium.py --config runs/atrium/config.json --out runs/again --seed 1   # rerun a config
 
 The network sees one slice at a time; it is judged on the stacked volume (3D Dice per case). MRI has
-no absolute intensity scale, so each volume is z-scored on its own. The recipe, shared with
-the other 2D script and read top to bottom in `engine/recipe2d.py` (`train_slice_segmentation`): config
--> data (preprocess once, cache; slices) -> model -> loss -> optimizer -> resume -> compile -> epoch
-loop (train, validate, checkpoint) -> final validation -> metrics.json.
+no absolute intensity scale, so each volume is z-scored on its own. The recipe, top to bottom: config
+-> data (preprocess once, cache; slices, augmentation, sampler) -> model -> loss -> optimizer ->
+resume -> compile -> epoch loop (train, validate, checkpoint) -> final validation -> metrics.json.
 """
 
+import dataclasses
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
 from data.augment2d import Augment2DConfig
+from data.samplers import WeightedSliceSampler
+from data.slices import SliceDataset
 from data.splits import PATIENT_PATTERN
 from data.synthetic.heart import ensure_heart_phantom
+from engine.benchmark import benchmark_training
+from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.config import check_sizes, parse_config
-from engine.recipe2d import train_slice_segmentation
+from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
+from engine.layout import resolve_memory_format, resolve_norm
+from engine.loader import build_loader
+from engine.optim import build_optimizer
+from engine.results import write_metrics
+from engine.runtime import start_run
+from engine.slicewise import num_outputs, validate_volumes
+from engine.train import train_one_epoch
+from engine.volumes import prepare_volumes
+from losses import build_loss
+from models import UNet
 
 
 @dataclass
@@ -87,11 +105,110 @@ SYNTHETIC_PROFILE = dict(
 def main(argv: list[str]) -> dict:
     config, resume = parse_config(Config, argv, __doc__, SYNTHETIC_PROFILE)
     check_sizes("--image-size", config.image_size, axes="H,W")
+    out, device, amp_dtype, workers, logger = start_run(config, resume)
+    rank, world_size = rank_and_world_size()  # (0, 1) unless launched by torchrun
 
-    def make_phantom(root: Path) -> Path:
-        return ensure_heart_phantom(root, num_cases=config.synthetic_cases, matrix=config.synthetic_matrix)
+    # Data: every slice of the training volumes, read from the memory-mapped cache; the sampler hands
+    # (epoch, index, slice) keys to the workers, so every sample is reproducible whatever the workers.
+    with main_process_first():  # under torchrun rank 0 fills the cache, the others then read it
+        if config.data_dir is None:  # the phantom, written once as a Decathlon task folder
+            data_dir = ensure_heart_phantom(Path(config.cache_dir) / "synthetic",
+                                            num_cases=config.synthetic_cases, matrix=config.synthetic_matrix)
+        else:
+            data_dir = Path(config.data_dir)
+        dataset, plan, entry, train_ids, val_ids = prepare_volumes(
+            data_dir, config.cache_dir, logger, val_fraction=config.val_fraction, split_seed=config.split_seed,
+            fold=config.fold, patient_pattern=config.patient_pattern, splits_file=config.splits_file,
+            spacing=config.spacing, workers=config.workers, resume=resume)
+    # Augmentation: config.augment, drawn afresh for every slice (no flips: the atrium has a side).
+    train_data = SliceDataset(entry, train_ids, axis=config.slice_axis, image_size=config.image_size,
+                              fit=config.fit, augment=config.augment, seed=config.seed)
+    # Sampler: every slice equally likely, or --foreground-share of the draws showing the atrium.
+    sampler = WeightedSliceSampler(train_data.slice_has_foreground, num_samples=config.samples_per_epoch,
+                                   foreground_share=config.foreground_share, seed=config.seed,
+                                   num_replicas=world_size, rank=rank)
+    loader = build_loader(train_data, sampler, batch_size=config.batch_size, workers=workers, device=device,
+                          drop_last=True)
 
-    return train_slice_segmentation(config, resume, make_phantom, task="atrium")
+    # Model, loss, optimizer: one sigmoid logit for the one foreground class.
+    outputs = num_outputs(dataset.labels)
+    norm, memory_format = resolve_norm(config.norm, device), resolve_memory_format(config.memory_format, device, 2)
+    model = UNet(spatial_dims=2, in_channels=len(dataset.modality), num_classes=outputs,
+                 base_channels=config.base_channels, depth=config.depth, max_channels=config.max_channels,
+                 norm=norm, upsample=config.upsample)
+    model = model.to(device, memory_format=memory_format)
+    # Loss (--loss, losses/by_name.py): batch soft Dice by default; bce and bce_dice are the others.
+    loss_fn = build_loss(config.loss, outputs)
+    # Optimizer and schedule (--optimizer, --schedule): AdamW, linear warm-up then cosine, stepped every batch.
+    optimizer, scheduler = build_optimizer(model.parameters(), config.optimizer, lr=config.lr,
+                                           momentum=config.momentum, weight_decay=config.weight_decay,
+                                           schedule=config.schedule, total_steps=config.epochs * len(loader),
+                                           warmup_steps=config.warmup_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    start_epoch, best_dice = 0, -1.0
+    if resume:  # every state that shapes the following steps: weights, optimizer, schedule, scaler, RNGs
+        start_epoch, best_dice = resume_training(resume, model, optimizer, scheduler, scaler)
+        logger.info(f"resumed from {resume} at epoch {start_epoch + 1}")
+
+    train_model = model  # wrapped below; the plain model is what we save (its state_dict loads anywhere)
+    if world_size > 1:  # torchrun: gradients are averaged over the processes at every step
+        train_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # Compile what trains, and only that: validation runs the plain `model` (the same weights, outside
+    # DDP), where a compiled one would trace new graphs for no-grad, eval mode and the last small batch.
+    if config.compile:
+        train_model = torch.compile(train_model)
+    if config.benchmark:  # throughput only: no validation, no checkpoints
+        return benchmark_training(train_model, loader, sampler, loss_fn, optimizer, steps=config.benchmark,
+                                  scheduler=scheduler, scaler=scaler, device=device, amp_dtype=amp_dtype,
+                                  grad_clip=config.grad_clip, memory_format=memory_format, out=out, logger=logger)
+
+    def checkpoint_state(epoch: int) -> dict:
+        return training_state(model, optimizer, scheduler, scaler, epoch, best_dice,
+                              config=dataclasses.asdict(config), plan=plan.to_dict(), task="atrium",
+                              labels={str(k): v for k, v in dataset.labels.items()})
+
+    def validate(epoch: int, save_dir: Path | None = None) -> dict:  # every slice of every validation case
+        return validate_volumes(model, entry, val_ids, labels=dataset.labels, outputs=outputs,
+                                axis=config.slice_axis, image_size=config.image_size, fit=config.fit,
+                                largest_component=config.largest_component, spacing=plan.target_spacing,
+                                tolerance_mm=config.nsd_tolerance_mm, device=device, amp_dtype=amp_dtype,
+                                logger=logger, epoch=epoch, save_dir=save_dir)
+
+    # Epoch loop: train, validate every val_every epochs and after the last, checkpoint every epoch.
+    validation = None
+    for epoch in range(start_epoch, config.epochs):
+        sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        stats = train_one_epoch(train_model, loader, loss_fn, optimizer, scheduler=scheduler, scaler=scaler,
+                                device=device, amp_dtype=amp_dtype, grad_clip=config.grad_clip,
+                                memory_format=memory_format, description=f"epoch {epoch + 1}/{config.epochs}",
+                                progress=rank == 0)
+        logger.scalars(stats, epoch, prefix="train/")
+        logger.info(f"epoch {epoch + 1}/{config.epochs}: loss {stats['loss']:.4f}, lr {stats['lr']:.2e}, "
+                    f"{stats['samples_per_s']:.1f} slices/s, data wait {100 * stats['data_wait_fraction']:.0f}%")
+        record = {"epoch": epoch, **stats, "epoch_time_s": time.perf_counter() - started}
+        last_epoch = epoch == config.epochs - 1
+        if rank == 0 and ((epoch + 1) % config.val_every == 0 or last_epoch):  # one process validates every case
+            validation = validate(epoch, save_dir=out / "predictions" if last_epoch else None)
+            record.update(validation["scores"])
+            if validation["scores"]["dice"] > best_dice:
+                best_dice = validation["scores"]["dice"]
+                save_checkpoint(checkpoint_state(epoch), out / "best.pt")
+        if rank == 0:
+            save_checkpoint(checkpoint_state(epoch), out / "last.pt")
+        logger.record(record)
+
+    # The last epoch's validation, its predictions written, becomes metrics.json and dice_per_case.csv.
+    if rank > 0:  # rank 0 writes the results
+        cleanup_distributed()
+        return {}
+    if validation is None:  # resumed after the last epoch: nothing left to train, validate once
+        validation = validate(config.epochs - 1, save_dir=out / "predictions")
+    write_metrics(validation, dataset.labels, out)
+    logger.close()
+    cleanup_distributed()
+    return validation["scores"]
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ whole-volume validation -> metrics.json.
 """
 
 import dataclasses
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from engine.optim import build_optimizer
 from engine.postprocess import keep_largest_foreground
 from engine.loader import build_loader
 from engine.pseudo_dice import ValidationPatch, draw_validation_patches, pseudo_dice, read_validation_patches
+from engine.results import write_metrics
 from engine.runtime import metric_key, start_run, surface_scores
 from engine.train import train_one_epoch
 from losses import DeepSupervisionLoss, DiceCELoss
@@ -270,19 +270,6 @@ def validate(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], 
     logger.scalars(scores, epoch, prefix="val/")
     logger.info("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     return {"scores": scores, "per_case": results["per_case"], "surface_per_case": results["surface_per_case"]}
-
-
-def write_metrics(validation: dict, labels: dict[int, str], out: Path) -> None:
-    """metrics.json (flat numeric keys) and dice_per_case.csv (Dice, HD95 in mm and NSD of each
-    class) from the final validation."""
-    (out / "metrics.json").write_text(json.dumps(validation["scores"], indent=2) + "\n")
-    classes = [k for k in sorted(labels) if k > 0]
-    rows = ["case," + ",".join(metric_key(labels[k], metric) for metric in ("dice", "hd95", "nsd") for k in classes)]
-    for case_id, dice in validation["per_case"].items():
-        surface = validation["surface_per_case"][case_id]
-        values = [dice[k] for k in classes] + [surface[k][key] for key in ("hd95_mm", "nsd") for k in classes]
-        rows.append(case_id + "," + ",".join(f"{value:.6f}" for value in values))
-    (out / "dice_per_case.csv").write_text("\n".join(rows) + "\n")
 
 
 def main(argv: list[str]) -> dict:

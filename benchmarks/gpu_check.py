@@ -98,11 +98,10 @@ from engine.layout import resolve_memory_format, resolve_norm
 from engine.loader import PREFETCH_FACTOR, SHARED_MEMORY, build_loader
 from engine.metrics import dice_per_class
 from engine.optim import build_optimizer
-from engine.recipe2d import build_loss
 from engine.runtime import resolve_amp_dtype, seed_everything
 from engine.threads import available_cores
 from engine.train import train_one_epoch
-from losses import DeepSupervisionLoss, DiceCELoss
+from losses import DeepSupervisionLoss, DiceCELoss, build_loss
 from models import UNet
 
 GIB = 2**30

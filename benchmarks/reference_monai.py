@@ -11,7 +11,7 @@ Gaussian noise) and the Gaussian-weighted `sliding_window_inference`.
 
 What we supply, so that the comparison is about the recipe alone: the arrays and the split. The data
 are the recipe's own preprocessed cache, built by the recipe's own function (`train_liver3d.prepare_data`
-in 3D, `engine.recipe2d.prepare_volumes` as `train_atrium.py` calls it in 2D) with the recipe's default
+in 3D, `engine.volumes.prepare_volumes` as `train_atrium.py` calls it in 2D) with the recipe's default
 split, so the reference trains and validates on exactly the cases and voxels the recipe does. Volumes
 smaller than the patch are padded with each channel's minimum, as the recipes pad. Each validation case
 is scored whole by our metrics (`engine.metrics.dice_per_class`, `engine.surface_metrics`) on the
@@ -57,9 +57,10 @@ from engine.config import build_parser, config_from_dict
 from engine.inference import pad_to_roi
 from engine.logging import RunLogger
 from engine.metrics import dice_per_class
-from engine.recipe2d import prepare_volumes
+from engine.results import write_metrics
 from engine.runtime import metric_key, pick_device, surface_scores
 from engine.surface_metrics import mean_surface_metrics, surface_metrics_per_class
+from engine.volumes import prepare_volumes
 
 # The MONAI tutorial recipe: fixed, so that it stays the same reference from run to run.
 FEATURES = (16, 32, 64, 128, 256, 16)  # BasicUNet "16-256": the five encoder widths and the last decoder's
@@ -137,13 +138,9 @@ def prepare_data(config: Config, logger: RunLogger):
     recipe = train_atrium.Config(data_dir=config.data_dir, cache_dir=config.cache_dir, workers=config.workers,
                                  spacing=config.spacing)
 
-    def no_phantom(root: Path) -> Path:
-        raise AssertionError("a --data-dir is always given")
-
-    return prepare_volumes(data_dir=recipe.data_dir, make_phantom=no_phantom, cache_dir=recipe.cache_dir,
-                           val_fraction=recipe.val_fraction, split_seed=recipe.split_seed, fold=recipe.fold,
-                           spacing=recipe.spacing, hu_window=None, workers=recipe.workers, logger=logger,
-                           patient_pattern=recipe.patient_pattern, splits_file=recipe.splits_file)
+    return prepare_volumes(recipe.data_dir, recipe.cache_dir, logger, val_fraction=recipe.val_fraction,
+                           split_seed=recipe.split_seed, fold=recipe.fold, patient_pattern=recipe.patient_pattern,
+                           splits_file=recipe.splits_file, spacing=recipe.spacing, workers=recipe.workers)
 
 
 def pad_case(image: np.ndarray, label: np.ndarray, size: tuple[int, ...]):
@@ -282,14 +279,7 @@ def validate(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], 
 def write_results(validation: dict, *, labels: dict[int, str], summary: dict, out: Path) -> None:
     """metrics.json (the recipes' keys), dice_per_case.csv (Dice, HD95 and NSD per class and case),
     summary.json (times, split, settings)."""
-    (out / "metrics.json").write_text(json.dumps(validation["scores"], indent=2) + "\n")
-    classes = [k for k in sorted(labels) if k > 0]
-    rows = ["case," + ",".join(metric_key(labels[k], metric) for metric in ("dice", "hd95", "nsd") for k in classes)]
-    for case_id, dice in validation["per_case"].items():
-        surface = validation["surface_per_case"][case_id]
-        values = [dice[k] for k in classes] + [surface[k][key] for key in ("hd95_mm", "nsd") for k in classes]
-        rows.append(case_id + "," + ",".join(f"{value:.6f}" for value in values))
-    (out / "dice_per_case.csv").write_text("\n".join(rows) + "\n")
+    write_metrics(validation, labels, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 

@@ -9,6 +9,9 @@ are empty and correctly left empty, so it must not be compared with 3D figures.
 Slices are fitted to the network exactly as in training (`data/augment2d.py`'s coordinate map):
 "resize" resamples the whole slice to the network's size and the probabilities back to the slice's
 grid; "crop" tiles the full-resolution slice with a sliding window.
+
+`validate_volumes` is the validation of the 2D recipes (`train_atrium.py`, `train_lung.py`) over the
+cached validation cases: flat scores logged, montages drawn, predictions written in source geometry.
 """
 
 from collections.abc import Callable, Iterable, Sequence
@@ -22,9 +25,11 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from data.augment2d import SpatialTransform2D, fit_scale, make_coordinate_map_2d
+from data.preprocess import load_preprocessed_case, save_prediction
 from engine.inference import copy_to_device, sliding_window_inference
-from engine.logging import overlay_slice
+from engine.logging import RunLogger, overlay_slice
 from engine.metrics import dice_per_class
+from engine.runtime import metric_key, surface_scores
 from engine.surface_metrics import mean_surface_metrics, surface_metrics_per_class
 
 
@@ -53,6 +58,12 @@ def _resize_probabilities(predict: Callable, slices: torch.Tensor, image_size: t
     inverse = _normalised_grid(np.stack(np.meshgrid(*back, indexing="ij")), image_size)
     inverse = inverse.to(slices.device).expand(len(slices), -1, -1, -1)
     return F.grid_sample(probabilities, inverse, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def num_outputs(labels: dict[int, str]) -> int:
+    """Logits of a 2D recipe's U-Net: one sigmoid logit for a single foreground class (left atrium,
+    tumour), else one per class, background included."""
+    return 1 if len(labels) == 2 else len(labels)
 
 
 @torch.inference_mode()
@@ -163,6 +174,53 @@ def evaluate_slicewise(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]
     if spacing is not None:
         results.update(surface_per_case=surface, surface_mean=mean_surface_metrics(surface))
     return results
+
+
+def validate_volumes(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], outputs: int, axis: int,
+                     image_size: tuple[int, int], fit: str, largest_component: bool, spacing: tuple[float, ...],
+                     tolerance_mm: float, device: torch.device, amp_dtype: torch.dtype | None,
+                     logger: RunLogger, epoch: int, save_dir: Path | None = None) -> dict:
+    """Volume-level validation: every slice predicted, stacked, 3D Dice, HD95 and normalised surface
+    Dice (at ``tolerance_mm``, on the grid of ``spacing`` mm) per case and class.
+
+    The first case's montage goes to TensorBoard; with `save_dir`, every prediction is written as
+    NIfTI in its source geometry (it overlays the original scan in ITK-SNAP or 3D Slicer) and as a
+    PNG montage.
+
+    Returns:
+        ``{"scores": flat metrics, "per_case": {case: {class: dice}}, "per_case_slice_averaged": ...}``;
+        scores hold ``dice`` (mean 3D Dice of the foreground over cases; the mean over foreground
+        classes when there are several), ``dice_<label>``, ``dice_mean``, ``slice_averaged_dice``
+        (mean over slices, empty slices included: not a 3D figure), ``hd95_<label>`` (mm) and
+        ``nsd_<label>``.
+    """
+    def on_prediction(case_id, image, label, prediction):
+        if case_id == val_ids[0] or save_dir is not None:
+            picture = montage(image, label, prediction, axis)
+            if case_id == val_ids[0]:
+                logger.image(f"val/{case_id}", picture, epoch)
+            if save_dir is not None:
+                save_montage(picture, save_dir / f"{case_id}.png")
+                save_prediction(prediction, load_preprocessed_case(entry, case_id).properties,
+                                save_dir / f"{case_id}.nii.gz")
+
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    cases = ((case_id, np.asarray(case.image), np.asarray(case.label)) for case_id in val_ids
+             for case in [load_preprocessed_case(entry, case_id)])
+    results = evaluate_slicewise(model, cases, num_classes=outputs, axis=axis, image_size=image_size, fit=fit,
+                                 device=device, amp_dtype=amp_dtype, largest_component=largest_component,
+                                 on_prediction=on_prediction, spacing=spacing, tolerance_mm=tolerance_mm)
+    per_class = {metric_key(labels[k]): v for k, v in results["mean"].items()}
+    scores = {"dice": float(np.mean(list(per_class.values()))), **per_class,
+              "dice_mean": float(np.mean(list(per_class.values()))),
+              "slice_averaged_dice": float(np.mean(list(results["slice_averaged"].values()))),
+              **surface_scores(results["surface_mean"], labels)}
+    logger.scalars(scores, epoch, prefix="val/")
+    logger.info("validation (3D Dice per case, mean): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return {"scores": scores, "per_case": results["per_case"],
+            "per_case_slice_averaged": results["per_case_slice_averaged"],
+            "surface_per_case": results["surface_per_case"]}
 
 
 def montage(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, axis: int, num_slices: int = 8,

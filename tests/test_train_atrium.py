@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import train_atrium
-from engine import recipe2d
 
 TINY = ["--synthetic-matrix", "24", "--synthetic-cases", "5", "--image-size", "24", "--base-channels", "4",
         "--depth", "3", "--samples-per-epoch", "8", "--batch-size", "4", "--workers", "0", "--val-every", "1",
@@ -68,14 +67,14 @@ def test_an_image_size_of_the_wrong_length_or_not_positive_stops_at_parsing(tmp_
 
 def test_resume_finishes_the_same_run_and_existing_runs_are_kept(tmp_path, cache_dir, monkeypatch):
     full = run(tmp_path / "full", cache_dir, "--epochs", "2")
-    save_checkpoint = recipe2d.save_checkpoint
+    save_checkpoint = train_atrium.save_checkpoint
 
     def save_then_die(state, path):
         save_checkpoint(state, path)
         if path.name == "last.pt" and state["epoch"] == 0:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(recipe2d, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(train_atrium, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut", cache_dir, "--epochs", "2")
     monkeypatch.undo()
@@ -91,7 +90,7 @@ def test_resume_finishes_the_same_run_and_existing_runs_are_kept(tmp_path, cache
 
 @pytest.mark.slow  # traces the model
 def test_compiled_training_traces_no_graph_after_its_first_epoch(tmp_path, cache_dir, count_compiled_graphs):
-    counts = count_compiled_graphs(recipe2d, "train_one_epoch", "validate_volumes")
+    counts = count_compiled_graphs(train_atrium, "train_one_epoch", "validate_volumes")
     run(tmp_path / "run", cache_dir, "--compile", "--epochs", "2")
     traced = counts["train_one_epoch"][0]
     assert traced > 0 and counts == {"train_one_epoch": [traced] * 2, "validate_volumes": [traced] * 2}

@@ -1,4 +1,4 @@
-"""The data step of the 2D recipe: a split by patient, reported in patients as well as cases."""
+"""The data step of the 2D recipes: a split by patient, reported in patients as well as cases."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data.synthetic.msd_layout import write_msd_dataset
-from engine.recipe2d import prepare_volumes
+from engine.volumes import prepare_volumes
 
 
 class RecordingLogger:
@@ -38,8 +38,8 @@ def test_the_two_frames_of_a_patient_stay_on_one_side_and_the_log_counts_patient
     root = write_two_frame_task(tmp_path / "ACDC")
     logger = RecordingLogger()
     _, _, _, train_ids, val_ids = prepare_volumes(
-        str(root), None, str(tmp_path / "cache"), 0.34, 12345, fold, None, None, 1, logger,
-        patient_pattern=r"(.+?)_f(?:rame)?\d+", splits_file=None)
+        root, tmp_path / "cache", logger, val_fraction=0.34, split_seed=12345, fold=fold,
+        patient_pattern=r"(.+?)_f(?:rame)?\d+", splits_file=None, workers=1)
     patients = [{case_id[:-4] for case_id in ids} for ids in (train_ids, val_ids)]
     assert not patients[0] & patients[1]
     assert len(train_ids) + len(val_ids) == 12 and len(val_ids) == 2 * len(patients[1])
@@ -52,9 +52,9 @@ def test_an_nnunet_splits_file_is_the_split_and_its_errors_are_named(tmp_path):
     splits = tmp_path / "splits_final.json"
     splits.write_text(json.dumps([{"train": ["acdc_001_f01", "acdc_002_f01"], "val": ["acdc_003_f02"]}]))
     _, _, _, train_ids, val_ids = prepare_volumes(
-        str(root), None, str(tmp_path / "cache"), 0.2, 12345, 0, None, None, 1, RecordingLogger(),
-        patient_pattern="", splits_file=str(splits))
+        root, tmp_path / "cache", RecordingLogger(), val_fraction=0.2, split_seed=12345, fold=0,
+        patient_pattern="", splits_file=str(splits), workers=1)
     assert (train_ids, val_ids) == (["acdc_001_f01", "acdc_002_f01"], ["acdc_003_f02"])
     with pytest.raises(SystemExit, match="splits_final.json: holds folds 0..0; choose one with --fold"):
-        prepare_volumes(str(root), None, str(tmp_path / "cache"), 0.2, 12345, None, None, None, 1,
-                        RecordingLogger(), patient_pattern="", splits_file=str(splits))
+        prepare_volumes(root, tmp_path / "cache", RecordingLogger(), val_fraction=0.2, split_seed=12345, fold=None,
+                        patient_pattern="", splits_file=str(splits), workers=1)

@@ -25,7 +25,7 @@ from data.samplers import WeightedSliceSampler
 from data.slices import SliceDataset
 from data.splits import PATIENT_PATTERN
 from data.synthetic.heart import ensure_heart_phantom
-from engine.benchmark import benchmark_training
+from engine.throughput import benchmark_training
 from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.config import check_sizes, parse_config
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size

@@ -32,7 +32,7 @@ from data.preprocess import PreprocessPlan, load_preprocessed_case, plan_preproc
     save_prediction
 from data.splits import PATIENT_PATTERN, count_patients, split_cases
 from data.synthetic.liver import ensure_liver_phantom
-from engine.benchmark import benchmark_training
+from engine.throughput import benchmark_training
 from engine.checkpoint import load_checkpoint, resume_training, save_checkpoint, training_state
 from engine.config import check_sizes, parse_config, save_config
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size

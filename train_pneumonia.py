@@ -29,7 +29,7 @@ from data.rsna import ChestXrayDataset, cache_images, image_statistics, read_rsn
     split_patients
 from data.samplers import WeightedClassSampler
 from data.synthetic.rsna import ensure_rsna_phantom
-from engine.benchmark import benchmark_training
+from engine.throughput import benchmark_training
 from engine.cam import box_area_fraction, cam_mass_in_boxes, cam_peak_in_boxes, class_activation_maps, grad_cams, \
     save_cam_overlay
 from engine.checkpoint import resume_training, save_checkpoint, training_state

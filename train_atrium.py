@@ -82,7 +82,7 @@ class Config:
     epochs: int = 100  # total epochs (a resumed run continues up to this number)
     # validation
     val_every: int = 10  # validate every N epochs; always after the last epoch
-    largest_component: bool = True  # keep only the largest connected 3D component: there is one left atrium
+    keep_largest_component: bool = True  # keep only the largest connected 3D component: there is one left atrium
     nsd_tolerance_mm: float = 2.0  # normalised surface Dice counts boundary voxels within this distance as correct
     # hardware and reproducibility
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, cuda:1, mps or cpu
@@ -171,7 +171,7 @@ def main(argv: list[str]) -> dict:
     def validate(epoch: int, save_dir: Path | None = None) -> dict:  # every slice of every validation case
         return validate_volumes(model, entry, val_ids, labels=dataset.labels, outputs=outputs,
                                 axis=config.slice_axis, image_size=config.image_size, fit=config.fit,
-                                largest_component=config.largest_component, spacing=plan.target_spacing,
+                                keep_largest_component=config.keep_largest_component, spacing=plan.target_spacing,
                                 tolerance_mm=config.nsd_tolerance_mm, device=device, amp_dtype=amp_dtype,
                                 logger=logger, epoch=epoch, save_dir=save_dir)
 

@@ -65,7 +65,7 @@ class Config:
     synthetic_matrix: int = 256  # phantom only: pixels per side of the generated films (the size knob; tests use ~64)
     # sampling and augmentation
     balance: str = "sampler"  # sampler (draw positives at --positive-share), pos_weight (weigh positives by negatives/positives in BCE) or none
-    positive_share: float = 0.5  # sampler only: expected share of positives among the draws (RSNA itself has 0.22)
+    positive_share: float = 0.5  # sampler only: expected share of pneumonia films among the draws, a class balance (not the segmentation recipes' foreground_share: every film shows lungs, none is centred anywhere; RSNA itself has 0.22)
     samples_per_epoch: int | None = None  # images drawn per epoch; none = as many as training patients
     augment: Augment2DConfig = field(default_factory=chest_xray_augmentation)  # rotation, scaling, shift, intensity (edit via --config)
     crop_min_area: float = 0.8  # random resized crop: smallest share of the film a crop keeps (1 disables)

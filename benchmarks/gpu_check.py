@@ -162,7 +162,7 @@ FULL = Sizes(
     smoke=False,
 )
 SMOKE = Sizes(
-    liver_flags=("--synthetic-cases", "4", "--synthetic-matrix", "24", "--val-fraction", "0.25", "--patch", "16,24,24",
+    liver_flags=("--synthetic-cases", "4", "--synthetic-matrix", "24", "--val-fraction", "0.25", "--patch-size", "16,24,24",
                  "--base-channels", "4", "--depth", "3", "--steps-per-epoch", "2", "--val-every", "2",
                  "--val-patches-per-case", "2", "--tta", "false", "--workers", "0"),
     compile_backend="eager",
@@ -614,7 +614,7 @@ def loader_throughput(context: PartContext) -> None:
     entry = write_cache_entry(volume, context.cache_dir / "loader_entry")
     recipe = train_liver3d.Config()  # the recipe's foreground share and default augmentation
     batch_size = 2
-    dataset = PatchDataset(entry, ["case"], sizes.loader_patch, sizes.loader_batches * batch_size, recipe.fg_prob,
+    dataset = PatchDataset(entry, ["case"], sizes.loader_patch, sizes.loader_batches * batch_size, recipe.foreground_share,
                            recipe.augment, seed=0)
     needed = gpu_patches_per_second(context)
     context.result.update(patch=sizes.loader_patch, batches=sizes.loader_batches, gpu_patches_per_s=needed, workers={})

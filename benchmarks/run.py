@@ -219,7 +219,7 @@ def measure_end_to_end(steps: int, worker_counts: list[int], extra_args: list[st
     """`train_liver3d.py --benchmark N [extra_args]` for a few --workers values, with all threads.
 
     Without extra arguments this is the phantom default on the CPU; on a GPU machine, e.g.
-    ``--end-to-end-args="--patch 128 --amp --compile"`` times the headline recipe."""
+    ``--end-to-end-args="--patch-size 128 --amp --compile"`` times the headline recipe."""
     results = {}
     for workers in worker_counts:
         out = cache_dir / f"end_to_end_workers{workers}"
@@ -371,7 +371,7 @@ def main() -> None:
                         help="steps of train_liver3d.py --benchmark per worker count (0 skips it)")
     parser.add_argument("--end-to-end-workers", default="0,1,2", help="comma-separated --workers values to time")
     parser.add_argument("--end-to-end-args", default="",
-                        help='more train_liver3d.py flags for the end-to-end part, e.g. "--patch 128 --amp --compile"')
+                        help='more train_liver3d.py flags for the end-to-end part, e.g. "--patch-size 128 --amp --compile"')
     args = parser.parse_args()
     torch.set_num_threads(1)
     cache_dir = Path(args.cache_dir)

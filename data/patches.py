@@ -34,10 +34,10 @@ def sample_patch_center(
     rng: np.random.Generator,
     shape: tuple[int, int, int],
     foreground: dict[int, np.ndarray],
-    fg_prob: float,
+    foreground_share: float,
     patch_size: tuple[int, int, int] | None = None,
 ) -> np.ndarray:
-    """Draw a patch centre: a foreground voxel with probability `fg_prob`, otherwise a random one.
+    """Draw a patch centre: a foreground voxel with probability `foreground_share`, otherwise a random one.
 
     A foreground centre is a random voxel of a class drawn uniformly among the classes present in
     the case, so rare classes are seen as often as large ones; the patch is centred on that voxel
@@ -51,14 +51,14 @@ def sample_patch_center(
         rng: the sample's generator.
         shape: spatial shape `(Z, Y, X)` of the volume.
         foreground: class -> `(N, 3)` voxel indices `(z, y, x)`; N may be 0.
-        fg_prob: chance of centring on foreground.
+        foreground_share: chance of centring on foreground.
         patch_size: `(D, H, W)`, to keep random patches inside the volume.
 
     Returns:
         `(3,)` int64 voxel index `(z, y, x)`.
     """
     present = [locations for _, locations in sorted(foreground.items()) if len(locations) > 0]
-    if present and rng.uniform() < fg_prob:
+    if present and rng.uniform() < foreground_share:
         locations = present[rng.integers(len(present))]
         return np.asarray(locations[rng.integers(len(locations))], dtype=np.int64)
     if patch_size is None:
@@ -103,7 +103,7 @@ class PatchDataset(Dataset):
         case_ids: cases to draw from, each with equal probability.
         patch_size: `(D, H, W)`.
         samples_per_epoch: number of keys per epoch (`len(dataset)`).
-        fg_prob: chance of centring a patch on foreground, drawn per patch (keys without a
+        foreground_share: chance of centring a patch on foreground, drawn per patch (keys without a
             `centre_on_foreground` flag).
         augment: augmentation config; `Augment3DConfig.none()` for plain crops.
         seed: base seed of every sample's generator.
@@ -118,7 +118,7 @@ class PatchDataset(Dataset):
         case_ids: list[str],
         patch_size: tuple[int, int, int],
         samples_per_epoch: int,
-        fg_prob: float,
+        foreground_share: float,
         augment: Augment3DConfig,
         seed: int,
     ):
@@ -126,7 +126,7 @@ class PatchDataset(Dataset):
         self.case_ids = list(case_ids)
         self.patch_size = tuple(patch_size)
         self.samples_per_epoch = samples_per_epoch
-        self.fg_prob = fg_prob
+        self.foreground_share = foreground_share
         self.augment = augment
         self.seed = seed
         self._open_cases: dict[str, _CachedCase] = {}  # per process; filled on first use
@@ -151,10 +151,10 @@ class PatchDataset(Dataset):
                             f"from EpochSampler, got {key!r}")
         epoch, index, *centre_on_foreground = key
         # A flag from the sampler is a draw at probability 1 or 0: the generator's stream is the same.
-        fg_prob = float(centre_on_foreground[0]) if centre_on_foreground else self.fg_prob
+        foreground_share = float(centre_on_foreground[0]) if centre_on_foreground else self.foreground_share
         rng = np.random.default_rng([self.seed, epoch, index])
         case = self._case(self.case_ids[rng.integers(len(self.case_ids))])
-        center = sample_patch_center(rng, case.label.shape, case.foreground, fg_prob, self.patch_size)
+        center = sample_patch_center(rng, case.label.shape, case.foreground, foreground_share, self.patch_size)
         params = sample_spatial_transform(rng, self.patch_size, self.augment)
         image, label = apply_spatial_transform(
             case.image,
@@ -188,7 +188,7 @@ class EpochSampler(Sampler):
         steps_per_epoch: batches per epoch over all processes.
         batch_size: patches per batch (per process).
         foreground_per_batch: None lets every patch draw its centre for itself (`PatchDataset`'s
-            `fg_prob`), keys `(epoch, index)`. A number n forces it per batch, as nnU-Net does: keys
+            `foreground_share`), keys `(epoch, index)`. A number n forces it per batch, as nnU-Net does: keys
             `(epoch, index, centre_on_foreground)` with the flag set on the last n patches of every
             batch and clear on the others, which are centred at random.
         num_replicas, rank: DDP world size and this process's rank.

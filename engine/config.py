@@ -7,6 +7,9 @@ line is the same sentence.
 Precedence, lowest first: the dataclass defaults, a profile of overrides chosen by the recipe (e.g. a
 CPU-sized recipe for the synthetic data), a saved ``config.json`` (``--config``) or the config stored in a
 checkpoint (``--resume``), and last the flags given explicitly on the command line.
+
+Settings renamed since a run was saved keep loading: ``RENAMED`` maps each old field name to its new
+one, for a saved ``config.json``, a checkpoint's config and the old spelling of a flag alike.
 """
 
 import argparse
@@ -16,6 +19,35 @@ import json
 import re
 import typing
 from pathlib import Path
+
+# Old config field -> its name now. Runs saved before a rename (config.json, the "config" of every
+# checkpoint) and commands written with the old flag (--fg-prob) read as the new name.
+RENAMED = {
+    "patch": "patch_size",
+    "fg_prob": "foreground_share",
+    "fg_sampling": "foreground_sampling",
+    "keep_largest": "keep_largest_component",  # train_liver3d.py
+    "largest_component": "keep_largest_component",  # train_atrium.py, train_lung.py
+}
+
+
+def rename_old_keys(values: dict) -> dict:
+    """A saved config dict with each old field name of ``RENAMED`` replaced by the current one."""
+    return {RENAMED.get(key, key): value for key, value in values.items()}
+
+
+def rename_old_flags(argv: list[str]) -> list[str]:
+    """``--fg-prob 0.5`` -> ``--foreground-share 0.5`` (also ``--fg-prob=0.5``) for every old name of
+    ``RENAMED``; other arguments are returned unchanged."""
+    renamed = []
+    for argument in argv:
+        flag, equals, value = argument.partition("=")
+        old = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        if old in RENAMED:
+            argument = "--" + RENAMED[old].replace("_", "-") + equals + value
+        renamed.append(argument)
+    return renamed
+
 
 _FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
 
@@ -152,14 +184,14 @@ def parse_config(config_class: type, argv: list[str], description: str, syntheti
     parser.add_argument("--config", help="start from a saved RUN/config.json; explicit flags override it")
     parser.add_argument("--resume", help="continue from RUN/last.pt with its config; explicit flags "
                                          "(e.g. --epochs) override it")
-    flags = vars(parser.parse_args(argv))
+    flags = vars(parser.parse_args(rename_old_flags(argv)))
     config_file, resume = flags.pop("config", None), flags.pop("resume", None)
     if resume:
         from engine.checkpoint import load_checkpoint  # checkpoints need torch; configs do not
 
-        values = load_checkpoint(resume)["config"]
+        values = rename_old_keys(load_checkpoint(resume)["config"])
     elif config_file:
-        values = read_config_file(config_file)
+        values = rename_old_keys(read_config_file(config_file))
     else:
         values = dict(synthetic_profile) if flags.get("data_dir") is None else {}
     defaults = {field.name: field.default for field in dataclasses.fields(config_class)}

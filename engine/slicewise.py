@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scipy import ndimage
 from tqdm import tqdm
 
 from data.augment2d import SpatialTransform2D, fit_scale, make_coordinate_map_2d
@@ -29,6 +28,7 @@ from data.preprocess import load_preprocessed_case, save_prediction
 from engine.inference import copy_to_device, sliding_window_inference
 from engine.logging import RunLogger, overlay_slice
 from engine.metrics import dice_per_class
+from engine.postprocess import keep_largest_component_per_class
 from engine.runtime import metric_key, surface_scores
 from engine.surface_metrics import mean_surface_metrics, surface_metrics_per_class
 
@@ -103,21 +103,6 @@ def predict_volume_slicewise(model, image: np.ndarray, *, axis: int, image_size:
     return np.moveaxis(torch.cat(predicted).numpy(), 0, axis)
 
 
-def keep_largest_component(label_map: np.ndarray, num_classes: int) -> np.ndarray:
-    """Keep, per foreground class, only its largest 3D connected component (26-connectivity).
-
-    For one organ (the left atrium) stray islands are false positives; do not use it for findings
-    that come several per patient (lung nodules).
-    """
-    result = np.array(label_map, copy=True)
-    for k in range(1, max(num_classes, 2)):
-        components, count = ndimage.label(label_map == k, structure=np.ones((3, 3, 3)))
-        if count > 1:
-            sizes = np.bincount(components.ravel())[1:]
-            result[(components > 0) & (components != np.argmax(sizes) + 1)] = 0
-    return result
-
-
 def slice_averaged_dice(prediction: np.ndarray, reference: np.ndarray, axis: int, num_classes: int) -> dict[int, float]:
     """Mean over the slices along `axis` of each slice's 2D Dice per foreground class (empty slices
     left empty score 1, as in `dice_per_class`)."""
@@ -129,7 +114,7 @@ def slice_averaged_dice(prediction: np.ndarray, reference: np.ndarray, axis: int
 @torch.inference_mode()
 def evaluate_slicewise(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], *, num_classes: int, axis: int,
                        image_size: tuple[int, int], fit: str, device: torch.device,
-                       amp_dtype: torch.dtype | None, largest_component: bool = False, batch_size: int = 16,
+                       amp_dtype: torch.dtype | None, keep_largest_component: bool = False, batch_size: int = 16,
                        on_prediction: Callable | None = None, spacing: Sequence[float] | None = None,
                        tolerance_mm: float = 2.0, progress: bool = True) -> dict:
     """Predict every validation case slice by slice and score the stacked volumes.
@@ -137,7 +122,7 @@ def evaluate_slicewise(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]
     Args:
         cases: (case_id, image (C, Z, Y, X), label (Z, Y, X)) on the preprocessed grid.
         num_classes: model outputs (1 = one sigmoid logit for a binary task).
-        largest_component: post-process with `keep_largest_component`.
+        keep_largest_component: post-process with `keep_largest_component_per_class`.
         on_prediction: called as ``on_prediction(case_id, image, label, prediction)``.
         spacing: voxel size (z, y, x) in mm; given, the stacked volumes are also scored with HD95,
             normalised surface Dice at ``tolerance_mm`` and volumes (`engine/surface_metrics.py`).
@@ -155,8 +140,8 @@ def evaluate_slicewise(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]
         prediction = predict_volume_slicewise(model, image, axis=axis, image_size=image_size, fit=fit,
                                               num_classes=num_classes, device=device, amp_dtype=amp_dtype,
                                               batch_size=batch_size)
-        if largest_component:
-            prediction = keep_largest_component(prediction, label_classes)
+        if keep_largest_component:
+            prediction = keep_largest_component_per_class(prediction, label_classes)
         label = np.asarray(label)
         per_case[case_id] = dice_per_class(prediction, label, label_classes)
         slice_averaged[case_id] = slice_averaged_dice(prediction, label, axis, label_classes)
@@ -177,7 +162,7 @@ def evaluate_slicewise(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]
 
 
 def validate_volumes(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], outputs: int, axis: int,
-                     image_size: tuple[int, int], fit: str, largest_component: bool, spacing: tuple[float, ...],
+                     image_size: tuple[int, int], fit: str, keep_largest_component: bool, spacing: tuple[float, ...],
                      tolerance_mm: float, device: torch.device, amp_dtype: torch.dtype | None,
                      logger: RunLogger, epoch: int, save_dir: Path | None = None) -> dict:
     """Volume-level validation: every slice predicted, stacked, 3D Dice, HD95 and normalised surface
@@ -209,7 +194,7 @@ def validate_volumes(model, entry: Path, val_ids: list[str], *, labels: dict[int
     cases = ((case_id, np.asarray(case.image), np.asarray(case.label)) for case_id in val_ids
              for case in [load_preprocessed_case(entry, case_id)])
     results = evaluate_slicewise(model, cases, num_classes=outputs, axis=axis, image_size=image_size, fit=fit,
-                                 device=device, amp_dtype=amp_dtype, largest_component=largest_component,
+                                 device=device, amp_dtype=amp_dtype, keep_largest_component=keep_largest_component,
                                  on_prediction=on_prediction, spacing=spacing, tolerance_mm=tolerance_mm)
     per_class = {metric_key(labels[k]): v for k, v in results["mean"].items()}
     scores = {"dice": float(np.mean(list(per_class.values()))), **per_class,

@@ -49,9 +49,9 @@ def cache_dir(tmp_path):
     return tmp_path
 
 
-def _dataset(cache_dir, augment=None, patch_size=(9, 15, 13), case_ids=CASE_IDS, fg_prob=0.5):
+def _dataset(cache_dir, augment=None, patch_size=(9, 15, 13), case_ids=CASE_IDS, foreground_share=0.5):
     augment = augment if augment is not None else Augment3DConfig()
-    return PatchDataset(cache_dir, list(case_ids), patch_size, 8, fg_prob, augment, seed=7)
+    return PatchDataset(cache_dir, list(case_ids), patch_size, 8, foreground_share, augment, seed=7)
 
 
 def test_foreground_centres_come_at_the_configured_rate():
@@ -127,7 +127,7 @@ def test_plain_patches_are_padded_crops_of_the_cached_case(tmp_path):
 
 def test_patch_larger_than_the_volume_is_padded(cache_dir):
     plain = Augment3DConfig.none()
-    dataset = _dataset(cache_dir, plain, patch_size=(13, 17, 15), case_ids=("case_2",), fg_prob=0.0)
+    dataset = _dataset(cache_dir, plain, patch_size=(13, 17, 15), case_ids=("case_2",), foreground_share=0.0)
     image = np.load(cache_dir / "case_2_image.npy")  # (2, 9, 13, 11): centred, 2 voxels of padding
     sample = dataset[(0, 0)]
     patch_image, patch_label = sample["image"].numpy(), sample["label"].numpy()
@@ -228,9 +228,9 @@ def test_ranks_split_an_epoch_without_overlap():
         EpochSampler(10, 2, num_replicas=3, rank=3)
 
 
-@pytest.mark.parametrize("batch_size, fg_prob, forced", [(2, 0.33, 1), (5, 0.33, 2), (3, 1.0, 3), (4, 0.1, 0)])
-def test_per_batch_foreground_centres_the_last_patches_of_every_batch(batch_size, fg_prob, forced):
-    assert round(batch_size * fg_prob) == forced
+@pytest.mark.parametrize("batch_size, foreground_share, forced", [(2, 0.33, 1), (5, 0.33, 2), (3, 1.0, 3), (4, 0.1, 0)])
+def test_per_batch_foreground_centres_the_last_patches_of_every_batch(batch_size, foreground_share, forced):
+    assert round(batch_size * foreground_share) == forced
     for rank in range(2):
         sampler = EpochSampler(9, batch_size, foreground_per_batch=forced, num_replicas=2, rank=rank)
         keys = list(sampler)
@@ -247,7 +247,7 @@ def test_per_batch_keys_put_one_foreground_centre_in_every_batch_of_two_where_pe
     label = np.zeros(shape, dtype=np.uint8)
     label[9, 11, 12] = 1
     _write_case(tmp_path, "dot", np.random.default_rng(0).standard_normal((1, *shape)), label, [-5.0])
-    dataset = _dataset(tmp_path, Augment3DConfig.none(), patch_size=(5, 7, 9), case_ids=("dot",), fg_prob=0.33)
+    dataset = _dataset(tmp_path, Augment3DConfig.none(), patch_size=(5, 7, 9), case_ids=("dot",), foreground_share=0.33)
     center = (2, 3, 4)  # plain crops: the patch's middle voxel is the drawn centre
 
     def foreground_centred(keys):
@@ -258,9 +258,9 @@ def test_per_batch_keys_put_one_foreground_centre_in_every_batch_of_two_where_pe
     per_sample = foreground_centred(EpochSampler(40, 2))
     without = sum(not (first or second) for first, second in zip(per_sample[::2], per_sample[1::2]))
     assert 8 <= without <= 28  # (1 - 0.33)^2 = 45% of the 40 batches on average
-    # A flagged key is the patch an unflagged key draws at fg_prob 1 or 0: one stream for both modes.
-    for fg_prob, flag in ((1.0, True), (0.0, False)):
-        drawing = _dataset(tmp_path, Augment3DConfig.none(), patch_size=(5, 7, 9), case_ids=("dot",), fg_prob=fg_prob)
+    # A flagged key is the patch an unflagged key draws at foreground_share 1 or 0: one stream for both modes.
+    for foreground_share, flag in ((1.0, True), (0.0, False)):
+        drawing = _dataset(tmp_path, Augment3DConfig.none(), patch_size=(5, 7, 9), case_ids=("dot",), foreground_share=foreground_share)
         for index in range(5):
             torch.testing.assert_close(dataset[(1, index, flag)]["image"], drawing[(1, index)]["image"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="foreground_per_batch"):

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from engine.slicewise import evaluate_slicewise, keep_largest_component, montage, predict_volume_slicewise, \
+from engine.slicewise import evaluate_slicewise, montage, predict_volume_slicewise, \
     save_montage, slice_averaged_dice
 
 
@@ -58,12 +58,6 @@ def test_volume_dice_against_hand_computed_masks():
     expected = (1 + 0 + 2 * 2 * 16 / 40 + 0 + 1) / 6
     assert np.isclose(results["per_case_slice_averaged"]["hit"][1], expected)
     assert np.isclose(slice_averaged_dice(predicted, reference, 0, 2)[1], expected)
-
-
-def test_largest_component_keeps_one_structure():
-    label = _ball((12, 12, 12), (4, 4, 4), 3) + _ball((12, 12, 12), (10, 10, 10), 1)
-    kept = keep_largest_component(label, 2)
-    np.testing.assert_array_equal(kept, _ball((12, 12, 12), (4, 4, 4), 3))
 
 
 def test_montage_draws_slices_with_foreground(tmp_path):

@@ -323,13 +323,19 @@ def write_scores(path: Path, rows: list[dict]) -> None:
     write_csv(path, ["case", *names], table)
 
 
+def film_size(checkpoint: dict) -> tuple[int, int]:
+    """The (H, W) a classifier's films are resized to; checkpoints written when it was one int hold a square."""
+    size = checkpoint["image_size"]
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def predict_radiographs(checkpoints: list[dict], paths: list[str], input_path: Path, output: Path,
                         device: torch.device, amp_dtype: torch.dtype | None) -> list[dict]:
     """Probability, decision and class activation map of every DICOM film; returns one dict per film."""
-    image_size = checkpoints[0]["image_size"]
+    image_size = film_size(checkpoints[0])
     for path, checkpoint in zip(paths[1:], checkpoints[1:]):
-        if checkpoint["image_size"] != image_size:
-            raise SystemExit(f"{path}: image size {checkpoint['image_size']} differs from {image_size} in "
+        if film_size(checkpoint) != image_size:
+            raise SystemExit(f"{path}: image size {film_size(checkpoint)} differs from {image_size} in "
                              f"{paths[0]}; checkpoints averaged together must share it.")
     members = []
     for checkpoint, path in zip(checkpoints, paths):

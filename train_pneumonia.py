@@ -34,7 +34,7 @@ from engine.cam import box_area_fraction, cam_mass_in_boxes, cam_peak_in_boxes, 
     save_cam_overlay
 from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.classification import classification_metrics, predict_probabilities
-from engine.config import parse_config as parse_config_with_profile
+from engine.config import check_sizes, parse_config as parse_config_with_profile
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.logging import RunLogger
 from engine.loader import build_loader
@@ -58,7 +58,7 @@ class Config:
     data_dir: str | None = None  # RSNA folder (stage_2_train_labels.csv, stage_2_train_images/); none = the synthetic phantom
     out: str = "runs/pneumonia"  # run folder: config.json, last.pt, best.pt, metrics.json, log.jsonl, cam/, TensorBoard events
     cache_dir: str = ".cache"  # decoded, resized images (and the generated phantom) live here, keyed by their parameters
-    image_size: int = 224  # images are resized to this square once, when the cache is built
+    image_size: tuple[int, ...] = (224, 224)  # network input H,W in pixels (one int = square); films are resized to it once, when the cache is built
     val_fraction: float = 0.2  # share of patients held out for validation, stratified by class
     split_seed: int = 12345  # seed of the patient split, fixed so that runs with other --seed values compare on the same patients
     synthetic_patients: int = 1000  # phantom only: number of generated radiographs (a share of 0.22 with pneumonia, as RSNA)
@@ -103,12 +103,13 @@ class Config:
 # feature map sees the whole film, and the network spread its evidence over many cells, so half as
 # much of the CAMs' heat fell on the opacities (see the README's measured figures).
 SYNTHETIC_PROFILE = dict(
-    image_size=192, batch_size=16, weights="none", backbone_lr_factor=1.0, lr=1e-3, warmup_steps=25, epochs=7,
+    image_size=(192, 192), batch_size=16, weights="none", backbone_lr_factor=1.0, lr=1e-3, warmup_steps=25, epochs=7,
     workers=1)
 
 
 def parse_config(argv: list[str]) -> tuple[Config, str | None]:
     config, resume = parse_config_with_profile(Config, argv, __doc__, SYNTHETIC_PROFILE)
+    check_sizes("--image-size", config.image_size, axes="H,W")
     if config.balance not in ("sampler", "pos_weight", "none"):
         raise SystemExit(f"--balance {config.balance}: choose sampler, pos_weight or none")
     if config.cam not in ("cam", "gradcam"):
@@ -131,7 +132,7 @@ def prepare_data(config: Config, logger: RunLogger, *, workers: int):
     train_indices, val_indices = split_patients(patients, config.val_fraction, config.split_seed)
     labels = np.array([p.label for p in patients])
     logger.info(f"{root}: {len(patients)} patients ({labels.mean():.0%} positive), {len(train_indices)} "
-                f"training / {len(val_indices)} validation, {config.image_size}px cache ready in "
+                f"training / {len(val_indices)} validation, {'x'.join(map(str, config.image_size))} px cache ready in "
                 f"{time.perf_counter() - started:.0f} s")
     return patients, images, source_shapes, labels, train_indices, val_indices
 

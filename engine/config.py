@@ -177,8 +177,8 @@ def parse_config(config_class: type, argv: list[str], description: str, syntheti
     given; a saved ``--config`` file, or the config inside the ``--resume`` checkpoint; the settings of
     a ``--recipe`` given on the command line (``recipes[name]``; the dataclass defaults of the same
     fields for a name ``recipes`` does not hold, e.g. ``default``); the other flags given explicitly. A
-    single number for a tuple field whose default has several (``--image-size 256``) is repeated to
-    that length.
+    single number for a tuple field whose default has several (``--image-size 256``, or a saved
+    ``"image_size": 256``) is repeated to that length.
     """
     parser = build_parser(config_class, description)
     parser.add_argument("--config", help="start from a saved RUN/config.json; explicit flags override it")
@@ -200,6 +200,8 @@ def parse_config(config_class: type, argv: list[str], description: str, syntheti
     values.update(flags)
     for name, value in values.items():
         default = defaults.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and isinstance(default, tuple):
+            value = values[name] = (value,)  # a size saved as one int (train_pneumonia.py's image_size once was)
         if isinstance(value, (tuple, list)) and len(value) == 1 and isinstance(default, tuple) and len(default) > 1:
             values[name] = tuple(value) * len(default)
     return config_from_dict(config_class, values), resume

@@ -182,6 +182,32 @@ def test_pneumonia_folder_gives_probabilities_decisions_and_cams(pneumonia_check
         assert (tmp_path / "out" / "cam" / row["file"].replace(".dcm", ".png")).is_file()
 
 
+def test_checkpoints_saved_under_old_setting_names_predict_as_the_current_ones(liver_checkpoint,
+                                                                              pneumonia_checkpoint, cache_dir,
+                                                                              tmp_path):
+    old_names = {"patch_size": "patch", "foreground_share": "fg_prob", "foreground_sampling": "fg_sampling",
+                 "keep_largest_component": "keep_largest"}
+    state = load_checkpoint(liver_checkpoint)
+    state["config"] = {old_names.get(key, key): value for key, value in state["config"].items()}
+    save_checkpoint(state, tmp_path / "old_liver.pt")
+    scan = oblique_scan(cache_dir, "LiverPhantom", np.s_[:23, 1:22, 3:36], np.diag([-2.0, -2.0, 3.0, 1.0]),
+                        tmp_path / "in" / "ct_1.nii.gz")
+    for name, checkpoint in (("new", liver_checkpoint), ("old", tmp_path / "old_liver.pt")):
+        predict.main(["--checkpoint", str(checkpoint), "--input", str(scan), "--output", str(tmp_path / name),
+                      "--keep-largest-component", "--device", "cpu"])
+    np.testing.assert_array_equal(nib.load(tmp_path / "old" / "ct_1.nii.gz").get_fdata(),
+                                  nib.load(tmp_path / "new" / "ct_1.nii.gz").get_fdata())
+
+    state = load_checkpoint(pneumonia_checkpoint)
+    state["image_size"] = state["image_size"][0]  # one int for the square, as such checkpoints held it
+    save_checkpoint(state, tmp_path / "old_pneumonia.pt")
+    film = sorted((cache_dir / "synthetic").glob("RSNAPhantom*/stage_2_train_images/*.dcm"))[0]
+    rows = {name: predict.main(["--checkpoint", str(checkpoint), "--input", str(film), "--output",
+                                str(tmp_path / f"{name}_films")])
+            for name, checkpoint in (("new", pneumonia_checkpoint), ("old", tmp_path / "old_pneumonia.pt"))}
+    assert rows["old"] == rows["new"]
+
+
 def test_two_checkpoints_average_their_probabilities(liver_checkpoint, cache_dir, tmp_path):
     # Alone, the first predicts cancer (2) everywhere and the second background; the mean of their
     # probabilities, (0.275, 0.45, 0.275), is liver (1). Taking either alone, or voting, cannot give 1.

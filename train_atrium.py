@@ -25,7 +25,6 @@ from data.samplers import WeightedSliceSampler
 from data.slices import SliceDataset
 from data.splits import PATIENT_PATTERN
 from data.synthetic.heart import ensure_heart_phantom
-from engine.throughput import benchmark_training
 from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.config import check_sizes, parse_config
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
@@ -35,6 +34,7 @@ from engine.optim import build_optimizer
 from engine.results import write_metrics
 from engine.runtime import start_run
 from engine.slicewise import num_outputs, validate_volumes
+from engine.throughput import benchmark_training
 from engine.train import train_one_epoch
 from engine.volumes import prepare_volumes
 from losses import build_loss

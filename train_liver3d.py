@@ -32,7 +32,6 @@ from data.preprocess import PreprocessPlan, load_preprocessed_case, plan_preproc
     save_prediction
 from data.splits import PATIENT_PATTERN, count_patients, split_cases
 from data.synthetic.liver import ensure_liver_phantom
-from engine.throughput import benchmark_training
 from engine.checkpoint import load_checkpoint, resume_training, save_checkpoint, training_state
 from engine.config import check_sizes, parse_config, save_config
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
@@ -46,6 +45,7 @@ from engine.loader import build_loader
 from engine.pseudo_dice import ValidationPatch, draw_validation_patches, pseudo_dice, read_validation_patches
 from engine.results import write_metrics
 from engine.runtime import metric_key, start_run, surface_scores
+from engine.throughput import benchmark_training
 from engine.train import train_one_epoch
 from losses import DeepSupervisionLoss, DiceCELoss
 from models import UNet
@@ -310,9 +310,10 @@ def main(argv: list[str]) -> dict:
     loss_fn = DiceCELoss(include_background=False, batch_dice=True)  # nnU-Net: CE + batch Dice
     if config.deep_supervision:
         loss_fn = DeepSupervisionLoss(loss_fn)
-    optimizer, scheduler = build_optimizer(model.parameters(), config.optimizer, config.lr, config.momentum,
-                                           config.weight_decay, config.schedule,
-                                           config.epochs * len(loader), config.warmup_steps)
+    optimizer, scheduler = build_optimizer(model.parameters(), config.optimizer, lr=config.lr,
+                                           momentum=config.momentum, weight_decay=config.weight_decay,
+                                           schedule=config.schedule, total_steps=config.epochs * len(loader),
+                                           warmup_steps=config.warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start_epoch, best_dice = 0, -1.0

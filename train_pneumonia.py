@@ -29,7 +29,6 @@ from data.rsna import ChestXrayDataset, cache_images, image_statistics, read_rsn
     split_patients
 from data.samplers import WeightedClassSampler
 from data.synthetic.rsna import ensure_rsna_phantom
-from engine.throughput import benchmark_training
 from engine.cam import box_area_fraction, cam_mass_in_boxes, cam_peak_in_boxes, class_activation_maps, grad_cams, \
     save_cam_overlay
 from engine.checkpoint import resume_training, save_checkpoint, training_state
@@ -38,8 +37,9 @@ from engine.config import check_sizes, parse_config as parse_config_with_profile
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.logging import RunLogger
 from engine.loader import build_loader
+from engine.optim import build_optimizer
 from engine.runtime import start_run
-from engine.schedules import cosine_schedule
+from engine.throughput import benchmark_training
 from engine.train import train_one_epoch
 from losses import BCELoss
 from models.resnet import ResNet18Classifier, load_weights
@@ -137,15 +137,14 @@ def prepare_data(config: Config, logger: RunLogger, *, workers: int):
     return patients, images, source_shapes, labels, train_indices, val_indices
 
 
-def build_optimizer(config: Config, model: ResNet18Classifier, total_steps: int):
-    # Discriminative learning rates: pretrained features need small steps, the new head large ones.
+def parameter_groups(model: ResNet18Classifier, *, lr: float, backbone_lr_factor: float) -> list[dict]:
+    """Discriminative learning rates: pretrained features need small steps, the new head large ones."""
     head = [p for p in model.head.parameters() if p.requires_grad]
     backbone = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("backbone.fc.")]
-    groups = [{"params": head, "lr": config.lr}]
+    groups = [{"params": head, "lr": lr}]
     if backbone:
-        groups.append({"params": backbone, "lr": config.lr * config.backbone_lr_factor})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    return optimizer, cosine_schedule(optimizer, total_steps, config.warmup_steps)
+        groups.append({"params": backbone, "lr": lr * backbone_lr_factor})
+    return groups
 
 
 def validate(model, loader, *, device: torch.device, amp_dtype: torch.dtype | None, logger: RunLogger,
@@ -260,7 +259,11 @@ def main(argv: list[str]) -> dict:
     positives = int(labels[train_indices].sum())
     pos_weight = (len(train_indices) - positives) / max(positives, 1) if config.balance == "pos_weight" else None
     loss_fn = BCELoss(pos_weight=pos_weight)
-    optimizer, scheduler = build_optimizer(config, model, config.epochs * steps_per_epoch)
+    # AdamW with a smaller learning rate for the backbone, linear warm-up then cosine, stepped every batch.
+    groups = parameter_groups(model, lr=config.lr, backbone_lr_factor=config.backbone_lr_factor)
+    optimizer, scheduler = build_optimizer(groups, "adamw", lr=config.lr, weight_decay=config.weight_decay,
+                                           schedule="cosine", total_steps=config.epochs * steps_per_epoch,
+                                           warmup_steps=config.warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start_epoch, best_auc = 0, -1.0

@@ -453,7 +453,8 @@ def time_combination(step: StepSizes, norm: str, memory_format: torch.memory_for
         loss_fn = DiceCELoss(include_background=False, batch_dice=True)
         loss_fn = DeepSupervisionLoss(loss_fn) if step.deep_supervision else loss_fn
     total_steps = sizes.warmup_steps + sizes.timed_steps
-    optimizer, scheduler = build_optimizer(model.parameters(), "sgd", 0.01, 0.99, 3e-5, "poly", total_steps, 0)
+    optimizer, scheduler = build_optimizer(model.parameters(), "sgd", lr=0.01, momentum=0.99, weight_decay=3e-5,
+                                           schedule="poly", total_steps=total_steps, warmup_steps=0)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     batch = random_batch(step, device)
     figures, step_seconds, losses = {}, [], []

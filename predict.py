@@ -42,7 +42,7 @@ from engine.cam import class_activation_maps, save_cam_overlay
 from engine.checkpoint import load_checkpoint
 from engine.config import parse_bool, rename_old_keys
 from engine.evaluate import predict_volume
-from engine.inference import predict_probabilities, trained_flips
+from engine.inference import average_over_flips, trained_flips
 from engine.layout import resolve_memory_format, resolve_norm
 from engine.metrics import dice_per_class
 from engine.postprocess import keep_largest_component_per_class, keep_largest_foreground
@@ -118,7 +118,7 @@ class ProbabilityAverage(nn.Module):
         self.num_outputs = num_outputs
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        mean = sum(predict_probabilities(model, image, self.num_outputs, axes)
+        mean = sum(average_over_flips(model, image, self.num_outputs, axes)
                    for model, axes in zip(self.models, self.mirror_axes)) / len(self.models)
         if self.num_outputs == 1:
             return torch.logit(mean, eps=1e-6)
@@ -288,7 +288,7 @@ def predict_segmentations(checkpoints: list[dict], paths: list[str], task: str, 
         volume = read_nifti(case)
         image, properties = preprocess_image(volume, plan)  # (C, Z', Y', X') on the training grid
         if spatial_dims == 3:
-            prediction = predict_volume(model, image, roi_size=tuple(config["patch_size"]), num_classes=outputs,
+            prediction = predict_volume(model, image, patch_size=tuple(config["patch_size"]), num_classes=outputs,
                                         device=device, amp_dtype=amp_dtype, overlap=config["overlap"],
                                         batch_size=window_batch_size)
         else:

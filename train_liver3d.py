@@ -260,7 +260,7 @@ def validate(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], 
     cases = ((case_id, case.image, case.label) for case_id in val_ids
              for case in [load_preprocessed_case(entry, case_id)])
     mirror_axes = trained_flips(dataclasses.asdict(config.augment), 3) if config.tta else ()
-    results = evaluate(model, cases, num_classes=len(labels), roi_size=config.patch_size, device=device,
+    results = evaluate(model, cases, num_classes=len(labels), patch_size=config.patch_size, device=device,
                        amp_dtype=amp_dtype, overlap=config.overlap, batch_size=config.window_batch_size,
                        mirror_axes=mirror_axes, postprocess=keep_largest_foreground if config.keep_largest_component else None,
                        on_prediction=on_prediction, spacing=spacing, tolerance_mm=config.nsd_tolerance_mm)

@@ -590,7 +590,7 @@ def sliding_window(context: PartContext) -> None:
                 break
             context.say(f"call {call + 1}")
             started = time.perf_counter()
-            predict_volume(model, image, roi_size=sizes.window, num_classes=3, device=device,
+            predict_volume(model, image, patch_size=sizes.window, num_classes=3, device=device,
                            amp_dtype=context.amp_dtype, overlap=0.5)
             context.result["call_s"].append(time.perf_counter() - started)
             context.save()

@@ -54,7 +54,7 @@ import train_atrium
 import train_liver3d
 from data.preprocess import load_preprocessed_case
 from engine.config import build_parser, config_from_dict
-from engine.inference import pad_to_roi
+from engine.inference import pad_to_patch
 from engine.logging import RunLogger
 from engine.metrics import dice_per_class
 from engine.results import write_metrics
@@ -148,7 +148,7 @@ def pad_case(image: np.ndarray, label: np.ndarray, size: tuple[int, ...]):
     at least ``size`` per axis (as the recipes pad). Returns the padded pair and the region of the
     original voxels."""
     # np.array copies: the cached arrays are read-only memory maps.
-    padded_image, region = pad_to_roi(torch.from_numpy(np.array(image, dtype=np.float32)), size)
+    padded_image, region = pad_to_patch(torch.from_numpy(np.array(image, dtype=np.float32)), size)
     padded_label = np.zeros(padded_image.shape[1:], dtype=np.uint8)
     padded_label[region] = label
     return padded_image.numpy(), padded_label, region
@@ -240,10 +240,10 @@ def predict_case(model, image: np.ndarray, *, config: Config, outputs: int, devi
     window = window_size(config)
     image = torch.from_numpy(np.array(image, dtype=np.float32))  # a copy of the read-only memory map
     if config.spatial_dims == 3:
-        padded, region = pad_to_roi(image, window)
+        padded, region = pad_to_patch(image, window)
         inputs = padded[None]  # (1, C, Z, Y, X)
     else:
-        padded, region = pad_to_roi(image, (1, *window))
+        padded, region = pad_to_patch(image, (1, *window))
         inputs = padded.transpose(0, 1)  # (Z, C, Y, X): the slices are the batch
     logits = sliding_window_inference(inputs.to(device), window, WINDOWS_PER_FORWARD, model, overlap=config.overlap,
                                       mode="gaussian")

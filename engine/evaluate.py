@@ -11,7 +11,7 @@ from engine.metrics import dice_per_class
 from engine.surface_metrics import mean_surface_metrics, surface_metrics_per_class
 
 
-def predict_volume(model, image: np.ndarray, *, roi_size: tuple[int, ...], num_classes: int,
+def predict_volume(model, image: np.ndarray, *, patch_size: tuple[int, ...], num_classes: int,
                    device: torch.device, amp_dtype: torch.dtype | None, overlap: float = 0.5,
                    batch_size: int | None = None, mirror_axes: tuple[int, ...] = ()) -> np.ndarray:
     """Label map of one preprocessed volume.
@@ -28,9 +28,9 @@ def predict_volume(model, image: np.ndarray, *, roi_size: tuple[int, ...], num_c
             return model(windows)
 
     if batch_size is None:
-        batch_size = default_window_batch_size(device, roi_size)
+        batch_size = default_window_batch_size(device, patch_size)
     try:
-        probabilities = sliding_window_inference(image, predict, roi_size=roi_size, num_classes=num_classes,
+        probabilities = sliding_window_inference(image, predict, patch_size=patch_size, num_classes=num_classes,
                                                  overlap=overlap, batch_size=batch_size, device=device,
                                                  mirror_axes=mirror_axes)
         if num_classes == 1:
@@ -38,13 +38,13 @@ def predict_volume(model, image: np.ndarray, *, roi_size: tuple[int, ...], num_c
         return probabilities.argmax(0).to(torch.uint8).cpu().numpy()
     except torch.OutOfMemoryError as error:
         raise SystemExit(f"Out of {device} memory predicting a volume of {tuple(image.shape)} in batches of "
-                         f"{batch_size} windows of {tuple(roi_size)}: lower the window batch size "
+                         f"{batch_size} windows of {tuple(patch_size)}: lower the window batch size "
                          f"(--window-batch-size), or turn on --amp. ({error})") from error
 
 
 @torch.inference_mode()
 def evaluate(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], *, num_classes: int,
-             roi_size: tuple[int, ...], device: torch.device, amp_dtype: torch.dtype | None,
+             patch_size: tuple[int, ...], device: torch.device, amp_dtype: torch.dtype | None,
              overlap: float = 0.5, batch_size: int | None = None, mirror_axes: tuple[int, ...] = (),
              postprocess: Callable | None = None, on_prediction: Callable | None = None,
              spacing: Sequence[float] | None = None, tolerance_mm: float = 2.0, progress: bool = True) -> dict:
@@ -70,7 +70,7 @@ def evaluate(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], *, num_
     model.eval()
     per_case, surface = {}, {}
     for case_id, image, label in tqdm(list(cases), desc="validate", leave=False, disable=not progress):
-        prediction = predict_volume(model, image, roi_size=roi_size, num_classes=num_classes, device=device,
+        prediction = predict_volume(model, image, patch_size=patch_size, num_classes=num_classes, device=device,
                                     amp_dtype=amp_dtype, overlap=overlap, batch_size=batch_size,
                                     mirror_axes=mirror_axes)
         if postprocess is not None:

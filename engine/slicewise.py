@@ -92,7 +92,7 @@ def predict_volume_slicewise(model, image: np.ndarray, *, axis: int, image_size:
         if fit == "resize":
             probabilities = _resize_probabilities(predict, slices, image_size, num_classes, fill)
         else:
-            probabilities = torch.stack([sliding_window_inference(one, predict, roi_size=image_size,
+            probabilities = torch.stack([sliding_window_inference(one, predict, patch_size=image_size,
                                                                   num_classes=num_classes, overlap=0.25,
                                                                   batch_size=batch_size)
                                          for one in slices])

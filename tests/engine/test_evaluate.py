@@ -46,7 +46,7 @@ def hand_dice(prediction: np.ndarray, reference: np.ndarray, k: int) -> float:
 @pytest.mark.parametrize("overlap, batch_size", [(0.5, 2), (0.25, 3)])
 def test_predict_volume_returns_the_label_map_of_the_whole_odd_sized_volume(overlap, batch_size):
     label = phantom_label()
-    prediction = predict_volume(NearestClass(3), image_of(label), roi_size=(8, 8, 8), num_classes=3, device=CPU,
+    prediction = predict_volume(NearestClass(3), image_of(label), patch_size=(8, 8, 8), num_classes=3, device=CPU,
                                 amp_dtype=None, overlap=overlap, batch_size=batch_size)
     assert prediction.dtype == np.uint8 and prediction.shape == SHAPE
     np.testing.assert_array_equal(prediction, label)
@@ -54,7 +54,7 @@ def test_predict_volume_returns_the_label_map_of_the_whole_odd_sized_volume(over
 
 def test_predict_volume_thresholds_a_single_logit_at_one_half():
     label = (phantom_label() > 0).astype(np.uint8)
-    prediction = predict_volume(NearestClass(1), image_of(label), roi_size=(8, 8, 8), num_classes=1, device=CPU,
+    prediction = predict_volume(NearestClass(1), image_of(label), patch_size=(8, 8, 8), num_classes=1, device=CPU,
                                 amp_dtype=None, batch_size=2)
     np.testing.assert_array_equal(prediction, label)
 
@@ -64,7 +64,7 @@ def test_evaluate_scores_each_case_against_a_hand_computed_dice():
     shifted = np.roll(label, 2, axis=2)  # predicted two voxels off along x
     cases = [("exact", image_of(label, seed=1), label), ("shifted", image_of(shifted, seed=2), label)]
     model = NearestClass(3).train()
-    results = evaluate(model, cases, num_classes=3, roi_size=(8, 8, 8), device=CPU, amp_dtype=None, batch_size=2,
+    results = evaluate(model, cases, num_classes=3, patch_size=(8, 8, 8), device=CPU, amp_dtype=None, batch_size=2,
                        spacing=(2.0, 1.0, 1.0), progress=False)
     assert not model.training
     assert results["per_case"]["exact"] == {1: 1.0, 2: 1.0}
@@ -91,7 +91,7 @@ def test_postprocess_comes_before_scoring_and_on_prediction_sees_its_result():
     def remember(case_id, image, reference, prediction):
         seen[case_id] = prediction
 
-    results = evaluate(NearestClass(3), [("case", image_of(label), label)], num_classes=3, roi_size=(8, 8, 8),
+    results = evaluate(NearestClass(3), [("case", image_of(label), label)], num_classes=3, patch_size=(8, 8, 8),
                        device=CPU, amp_dtype=None, batch_size=2, postprocess=drop_class_two, on_prediction=remember,
                        progress=False)
     # Class 2 is in the reference but no longer predicted: 0, not NaN; class 1 now covers it too.
@@ -107,5 +107,5 @@ def test_running_out_of_memory_names_the_settings_to_lower():
 
     with pytest.raises(SystemExit, match=r"volume of \(1, 13, 17, 15\) in batches of 2 windows of \(8, 8, 8\)"
                                          r".*--window-batch-size.*--amp"):
-        predict_volume(Exhausted(), image_of(phantom_label()), roi_size=(8, 8, 8), num_classes=3, device=CPU,
+        predict_volume(Exhausted(), image_of(phantom_label()), patch_size=(8, 8, 8), num_classes=3, device=CPU,
                        amp_dtype=None, batch_size=2)

@@ -45,9 +45,10 @@ from engine.evaluate import predict_volume
 from engine.inference import average_over_flips, trained_flips
 from engine.layout import resolve_memory_format, resolve_norm
 from engine.metrics import dice_per_class
+from engine.pictures import montage, save_montage
 from engine.postprocess import keep_largest_component_per_class, keep_largest_foreground
 from engine.runtime import has_fast_cpu_bf16, pick_device, resolve_amp_dtype
-from engine.slicewise import montage, num_outputs, predict_volume_slicewise, save_montage
+from engine.slicewise import num_outputs, predict_volume_slicewise
 from engine.surface_metrics import surface_metrics_per_class
 from models import UNet
 from models.resnet import ResNet18Classifier

@@ -28,12 +28,13 @@ from data.synthetic.heart import ensure_heart_phantom
 from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.config import check_sizes, parse_config
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
+from engine.evaluate import validate_volumes
 from engine.layout import resolve_memory_format, resolve_norm
 from engine.loader import build_loader
 from engine.optim import build_optimizer
 from engine.results import write_metrics
 from engine.runtime import start_run
-from engine.slicewise import num_outputs, validate_volumes
+from engine.slicewise import num_outputs
 from engine.throughput import benchmark_training
 from engine.train import train_one_epoch
 from engine.volumes import prepare_volumes

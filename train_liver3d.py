@@ -38,13 +38,15 @@ from engine.distributed import cleanup_distributed, main_process_first, rank_and
 from engine.evaluate import evaluate
 from engine.inference import default_window_batch_size, trained_flips
 from engine.layout import resolve_memory_format, resolve_norm
-from engine.logging import RunLogger, foreground_slice_index, overlay_slice
-from engine.optim import build_optimizer
-from engine.postprocess import keep_largest_foreground
 from engine.loader import build_loader
+from engine.logging import RunLogger
+from engine.metrics import metric_key, surface_scores
+from engine.optim import build_optimizer
+from engine.pictures import foreground_slice_index, overlay_slice
+from engine.postprocess import keep_largest_foreground
 from engine.pseudo_dice import ValidationPatch, draw_validation_patches, pseudo_dice, read_validation_patches
 from engine.results import write_metrics
-from engine.runtime import metric_key, start_run, surface_scores
+from engine.runtime import start_run
 from engine.throughput import benchmark_training
 from engine.train import train_one_epoch
 from losses import DeepSupervisionLoss, DiceCELoss

@@ -56,9 +56,9 @@ from data.preprocess import load_preprocessed_case
 from engine.config import build_parser, config_from_dict
 from engine.inference import pad_to_patch
 from engine.logging import RunLogger
-from engine.metrics import dice_per_class
+from engine.metrics import dice_per_class, metric_key, surface_scores
 from engine.results import write_metrics
-from engine.runtime import metric_key, pick_device, surface_scores
+from engine.runtime import pick_device
 from engine.surface_metrics import mean_surface_metrics, surface_metrics_per_class
 from engine.volumes import prepare_volumes
 

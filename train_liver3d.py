@@ -27,9 +27,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data.augment3d import Augment3DConfig
 from data.msd import read_msd_dataset
-from data.patches import EpochSampler, PatchDataset
+from data.patches import PatchDataset
 from data.preprocess import PreprocessPlan, load_preprocessed_case, plan_preprocessing, preprocess_dataset, \
     save_prediction
+from data.samplers import EpochSampler
 from data.splits import PATIENT_PATTERN, count_patients, split_cases
 from data.synthetic.liver import ensure_liver_phantom
 from engine.checkpoint import load_checkpoint, resume_training, save_checkpoint, training_state
@@ -123,8 +124,8 @@ class Config:
 SYNTHETIC_PROFILE = dict(
     patch_size=(32, 80, 80), base_channels=8, depth=4, strides=((2, 2, 2),), kernel_sizes=((3, 3, 3),),
     epochs=32, steps_per_epoch=25, val_every=16,
-    foreground_share=0.8, foreground_sampling="per_sample", optimizer="adamw", lr=4e-3, weight_decay=1e-4, schedule="cosine",
-    warmup_steps=25,
+    foreground_share=0.8, foreground_sampling="per_sample", optimizer="adamw", lr=4e-3, weight_decay=1e-4,
+    schedule="cosine", warmup_steps=25,
     keep_largest_component=True, tta=True, workers=1)
 
 
@@ -264,7 +265,8 @@ def validate(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], 
     mirror_axes = trained_flips(dataclasses.asdict(config.augment), 3) if config.tta else ()
     results = evaluate(model, cases, num_classes=len(labels), patch_size=config.patch_size, device=device,
                        amp_dtype=amp_dtype, overlap=config.overlap, batch_size=config.window_batch_size,
-                       mirror_axes=mirror_axes, postprocess=keep_largest_foreground if config.keep_largest_component else None,
+                       mirror_axes=mirror_axes,
+                       postprocess=keep_largest_foreground if config.keep_largest_component else None,
                        on_prediction=on_prediction, spacing=spacing, tolerance_mm=config.nsd_tolerance_mm)
     scores = {metric_key(labels[k]): v for k, v in results["mean"].items()}
     scores["dice_mean"] = float(np.mean(list(scores.values())))
@@ -295,7 +297,8 @@ def main(argv: list[str]) -> dict:
         save_config(config, out / "config.json")
     train_data = PatchDataset(entry, train_ids, config.patch_size, config.steps_per_epoch * config.batch_size,
                               config.foreground_share, config.augment, config.seed)
-    foreground_per_batch = round(config.batch_size * config.foreground_share) if config.foreground_sampling == "per_batch" else None
+    foreground_per_batch = (round(config.batch_size * config.foreground_share)
+                            if config.foreground_sampling == "per_batch" else None)
     # Whole batches: every rank takes ceil(steps_per_epoch / world_size) full ones, so all ranks step together.
     sampler = EpochSampler(config.steps_per_epoch, config.batch_size, foreground_per_batch=foreground_per_batch,
                            num_replicas=world_size, rank=rank)

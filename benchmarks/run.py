@@ -371,7 +371,8 @@ def main() -> None:
                         help="steps of train_liver3d.py --benchmark per worker count (0 skips it)")
     parser.add_argument("--end-to-end-workers", default="0,1,2", help="comma-separated --workers values to time")
     parser.add_argument("--end-to-end-args", default="",
-                        help='more train_liver3d.py flags for the end-to-end part, e.g. "--patch-size 128 --amp --compile"')
+                        help='more train_liver3d.py flags for the end-to-end part, '
+                             'e.g. "--patch-size 128 --amp --compile"')
     args = parser.parse_args()
     torch.set_num_threads(1)
     cache_dir = Path(args.cache_dir)

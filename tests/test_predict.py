@@ -302,8 +302,8 @@ def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         predict.main(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--checkpoint", "--input", "--output", "--tta", "--keep-largest-component", "--window-batch-size", "--device",
-                 "--amp"):
+    for flag in ("--checkpoint", "--input", "--output", "--tta", "--keep-largest-component", "--window-batch-size",
+                 "--device", "--amp"):
         assert flag in text
     assert "python predict.py --checkpoint" in text
 

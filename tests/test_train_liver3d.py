@@ -93,7 +93,8 @@ def test_unusable_validation_settings_stop_before_training(tmp_path, cache_dir):
 def test_a_patch_of_the_wrong_length_or_not_positive_stops_at_parsing(tmp_path, patch):
     # The task folder does not exist: the check must come before any data is read or folder written.
     with pytest.raises(SystemExit, match=f"^--patch-size {patch}: give 1 or 3 positive integers \\(z,y,x"):
-        train_liver3d.main(["--data-dir", str(tmp_path / "missing"), "--patch-size", patch, "--out", str(tmp_path / "run")])
+        train_liver3d.main(["--data-dir", str(tmp_path / "missing"), "--patch-size", patch,
+                            "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 

@@ -1,7 +1,6 @@
 import dataclasses
 import hashlib
 import json
-import math
 import pickle
 
 import numpy as np
@@ -10,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.augment3d import Augment3DConfig
-from data.patches import EpochSampler, PatchDataset, sample_patch_center
+from data.patches import PatchDataset, sample_patch_center
+from data.samplers import EpochSampler
 
 
 def _write_case(cache_dir, case_id, image, label, channel_min, num_locations=10_000, seed=0):
@@ -154,13 +154,6 @@ def test_integer_keys_are_refused(cache_dir):
         _dataset(cache_dir)[3]
 
 
-def test_epoch_sampler_yields_keys_of_the_current_epoch():
-    sampler = EpochSampler(2, 2)
-    assert len(sampler) == 4 and list(sampler) == [(0, 0), (0, 1), (0, 2), (0, 3)]
-    sampler.set_epoch(5)
-    assert list(sampler) == [(5, 0), (5, 1), (5, 2), (5, 3)]
-
-
 @pytest.mark.slow  # two spawned worker processes
 def test_spawned_workers_give_the_same_batches_as_the_main_process(cache_dir):
     augment = dataclasses.replace(Augment3DConfig(), p_rotation=0.5, p_elastic=0.3)
@@ -201,45 +194,6 @@ def test_one_process_draws_the_keys_and_patches_it_always_drew(cache_dir):
     assert digest.hexdigest() == "ea1f65eb984d52e49e1d87df0f0d7ecdd02b6ba2d511846ff62640ff303e15b1"
 
 
-@pytest.mark.parametrize("world_size", range(1, 9))
-@pytest.mark.parametrize("steps_per_epoch, batch_size", [(250, 2), (7, 3), (3, 5)])
-def test_every_rank_gets_the_same_number_of_full_batches(world_size, steps_per_epoch, batch_size):
-    shards = [list(EpochSampler(steps_per_epoch, batch_size, num_replicas=world_size, rank=rank))
-              for rank in range(world_size)]
-    batches_per_rank = math.ceil(steps_per_epoch / world_size)  # 500 patches on 3 GPUs: 84 batches each
-    assert all(len(shard) == batches_per_rank * batch_size for shard in shards)
-    keys = [key for shard in shards for key in shard]
-    assert len(set(keys)) == len(keys)  # no patch twice in an epoch
-    assert set(EpochSampler(steps_per_epoch, batch_size)) <= set(keys)  # every patch one process would draw
-    for rank, shard in enumerate(shards):  # each batch is one whole batch of the single-process epoch
-        loader = DataLoader(shard, batch_size=batch_size)
-        assert len(loader) == batches_per_rank
-        for step, batch in enumerate(loader):
-            indices = batch[1].tolist()
-            first = (step * world_size + rank) * batch_size
-            assert indices == list(range(first, first + batch_size))
-
-
-def test_ranks_split_an_epoch_without_overlap():
-    shards = [list(EpochSampler(5, 2, num_replicas=3, rank=rank)) for rank in range(3)]
-    assert shards == [[(0, 0), (0, 1), (0, 6), (0, 7)], [(0, 2), (0, 3), (0, 8), (0, 9)],
-                      [(0, 4), (0, 5), (0, 10), (0, 11)]]  # batch 5 is one beyond the epoch's 5
-    with pytest.raises(ValueError, match="rank 3"):
-        EpochSampler(10, 2, num_replicas=3, rank=3)
-
-
-@pytest.mark.parametrize("batch_size, foreground_share, forced", [(2, 0.33, 1), (5, 0.33, 2), (3, 1.0, 3), (4, 0.1, 0)])
-def test_per_batch_foreground_centres_the_last_patches_of_every_batch(batch_size, foreground_share, forced):
-    assert round(batch_size * foreground_share) == forced
-    for rank in range(2):
-        sampler = EpochSampler(9, batch_size, foreground_per_batch=forced, num_replicas=2, rank=rank)
-        keys = list(sampler)
-        batches = [keys[start:start + batch_size] for start in range(0, len(keys), batch_size)]
-        assert all([flag for _, _, flag in batch] == [False] * (batch_size - forced) + [True] * forced
-                   for batch in batches)
-        assert [key[:2] for key in keys] == list(EpochSampler(9, batch_size, num_replicas=2, rank=rank))
-
-
 def test_per_batch_keys_put_one_foreground_centre_in_every_batch_of_two_where_per_sample_leaves_none(tmp_path):
     # One foreground voxel in the volume: a patch is centred on it when, and only when, it was chosen
     # as a foreground centre (a random centre lands on it with probability 1/9975).
@@ -260,7 +214,8 @@ def test_per_batch_keys_put_one_foreground_centre_in_every_batch_of_two_where_pe
     assert 8 <= without <= 28  # (1 - 0.33)^2 = 45% of the 40 batches on average
     # A flagged key is the patch an unflagged key draws at foreground_share 1 or 0: one stream for both modes.
     for foreground_share, flag in ((1.0, True), (0.0, False)):
-        drawing = _dataset(tmp_path, Augment3DConfig.none(), patch_size=(5, 7, 9), case_ids=("dot",), foreground_share=foreground_share)
+        drawing = _dataset(tmp_path, Augment3DConfig.none(), patch_size=(5, 7, 9), case_ids=("dot",),
+                           foreground_share=foreground_share)
         for index in range(5):
             torch.testing.assert_close(dataset[(1, index, flag)]["image"], drawing[(1, index)]["image"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="foreground_per_batch"):

@@ -1,7 +1,7 @@
 """Predict new scans with trained checkpoints: segmentation masks (NIfTI) or pneumonia probabilities (DICOM).
 
     python predict.py --checkpoint runs/liver3d/best.pt --input /data/Task03_Liver/imagesTs --output preds/liver
-    python predict.py --checkpoint runs/liver3d/best.pt --input ct.nii.gz --output preds --tta --keep-largest
+    python predict.py --checkpoint runs/liver3d/best.pt --input ct.nii.gz --output preds --tta --keep-largest-component
     python predict.py --checkpoint runs/fold0/best.pt --checkpoint runs/fold1/best.pt --input scans/ --output preds
     python predict.py --checkpoint runs/atrium/best.pt --input mri/ --output preds/atrium --device cuda --amp false
     python predict.py --checkpoint runs/pneumonia/best.pt --input films/ --output preds/pneumonia
@@ -40,14 +40,15 @@ from data.preprocess import PreprocessPlan, preprocess_image, restore_to_source
 from data.rsna import decode_and_resize
 from engine.cam import class_activation_maps, save_cam_overlay
 from engine.checkpoint import load_checkpoint
-from engine.config import parse_bool
+from engine.config import parse_bool, rename_old_keys
 from engine.evaluate import predict_volume
-from engine.inference import predict_probabilities, trained_flips
+from engine.inference import average_over_flips, trained_flips
 from engine.layout import resolve_memory_format, resolve_norm
 from engine.metrics import dice_per_class
-from engine.postprocess import keep_largest_foreground
+from engine.pictures import montage, save_montage
+from engine.postprocess import keep_largest_component_per_class, keep_largest_foreground
 from engine.runtime import has_fast_cpu_bf16, pick_device, resolve_amp_dtype
-from engine.slicewise import keep_largest_component, montage, num_outputs, predict_volume_slicewise, save_montage
+from engine.slicewise import num_outputs, predict_volume_slicewise
 from engine.surface_metrics import surface_metrics_per_class
 from models import UNet
 from models.resnet import ResNet18Classifier
@@ -55,7 +56,7 @@ from models.resnet import ResNet18Classifier
 SEGMENTATION_TASKS = {"liver3d": 3, "atrium": 2, "lung": 2}  # task -> spatial dims of its U-Net
 CLASSIFICATION_TASKS = ("pneumonia",)
 # Settings that fix the grid and the windows a prediction is made on: an ensemble must share them.
-SHARED_SETTINGS = {3: ("patch", "overlap"), 2: ("slice_axis", "image_size", "fit")}
+SHARED_SETTINGS = {3: ("patch_size", "overlap"), 2: ("slice_axis", "image_size", "fit")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action="store_true",
                         help="test-time mirroring: average the predictions of every flip along the axes the "
                              "model was trained to flip (2^axes times slower; no effect on pneumonia)")
-    parser.add_argument("--keep-largest", action="store_true",
+    parser.add_argument("--keep-largest-component", action="store_true",
                         help="keep the largest connected component, as the recipe's validation does: of the "
                              "whole foreground for liver3d (tumours inside the liver survive), of each class "
                              "for atrium and lung")
@@ -118,7 +119,7 @@ class ProbabilityAverage(nn.Module):
         self.num_outputs = num_outputs
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        mean = sum(predict_probabilities(model, image, self.num_outputs, axes)
+        mean = sum(average_over_flips(model, image, self.num_outputs, axes)
                    for model, axes in zip(self.models, self.mirror_axes)) / len(self.models)
         if self.num_outputs == 1:
             return torch.logit(mean, eps=1e-6)
@@ -139,7 +140,8 @@ def load_checkpoints(paths: list[str]) -> tuple[str, list[dict]]:
         if task not in SEGMENTATION_TASKS and task not in CLASSIFICATION_TASKS:
             raise SystemExit(f"{path}: unknown task {task!r}; predict.py knows "
                              f"{', '.join([*SEGMENTATION_TASKS, *CLASSIFICATION_TASKS])}.")
-        checkpoints.append(checkpoint)
+        # A run saved before a setting was renamed (e.g. "patch") is read under the current name.
+        checkpoints.append({**checkpoint, "config": rename_old_keys(checkpoint.get("config", {}))})
     tasks = {path: checkpoint["task"] for path, checkpoint in zip(paths, checkpoints)}
     if len(set(tasks.values())) > 1:
         listing = ", ".join(f"{path} ({task})" for path, task in tasks.items())
@@ -251,7 +253,7 @@ def score_case(mask: np.ndarray, image: Volume, labels_dir: Path, case_id: str, 
 
 
 def predict_segmentations(checkpoints: list[dict], paths: list[str], task: str, input_path: Path, output: Path,
-                          tta: bool, keep_largest: bool, device: torch.device,
+                          tta: bool, keep_largest_component: bool, device: torch.device,
                           amp_dtype: torch.dtype | None, labels_dir: Path | None = None,
                           tolerance_mm: float = 2.0, window_batch_size: int | None = None) -> list[dict]:
     """Mask, montage and class volumes of every NIfTI case, and with ``labels_dir`` its scores;
@@ -287,16 +289,16 @@ def predict_segmentations(checkpoints: list[dict], paths: list[str], task: str, 
         volume = read_nifti(case)
         image, properties = preprocess_image(volume, plan)  # (C, Z', Y', X') on the training grid
         if spatial_dims == 3:
-            prediction = predict_volume(model, image, roi_size=tuple(config["patch"]), num_classes=outputs,
+            prediction = predict_volume(model, image, patch_size=tuple(config["patch_size"]), num_classes=outputs,
                                         device=device, amp_dtype=amp_dtype, overlap=config["overlap"],
                                         batch_size=window_batch_size)
         else:
             prediction = predict_volume_slicewise(model, image, axis=config["slice_axis"],
                                                   image_size=tuple(config["image_size"]), fit=config["fit"],
                                                   num_classes=outputs, device=device, amp_dtype=amp_dtype)
-        if keep_largest:
+        if keep_largest_component:
             prediction = (keep_largest_foreground(prediction) if spatial_dims == 3
-                          else keep_largest_component(prediction, len(plan.labels)))
+                          else keep_largest_component_per_class(prediction, len(plan.labels)))
         axis = config["slice_axis"] if spatial_dims == 2 else 0
         save_montage(montage(image, np.zeros_like(prediction), prediction, axis), output / f"{case_id}.png")
         mask = restore_to_source(prediction, properties)  # (Z, Y, X) on the source's canonical grid
@@ -322,13 +324,19 @@ def write_scores(path: Path, rows: list[dict]) -> None:
     write_csv(path, ["case", *names], table)
 
 
+def film_size(checkpoint: dict) -> tuple[int, int]:
+    """The (H, W) a classifier's films are resized to; checkpoints written when it was one int hold a square."""
+    size = checkpoint["image_size"]
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def predict_radiographs(checkpoints: list[dict], paths: list[str], input_path: Path, output: Path,
                         device: torch.device, amp_dtype: torch.dtype | None) -> list[dict]:
     """Probability, decision and class activation map of every DICOM film; returns one dict per film."""
-    image_size = checkpoints[0]["image_size"]
+    image_size = film_size(checkpoints[0])
     for path, checkpoint in zip(paths[1:], checkpoints[1:]):
-        if checkpoint["image_size"] != image_size:
-            raise SystemExit(f"{path}: image size {checkpoint['image_size']} differs from {image_size} in "
+        if film_size(checkpoint) != image_size:
+            raise SystemExit(f"{path}: image size {film_size(checkpoint)} differs from {image_size} in "
                              f"{paths[0]}; checkpoints averaged together must share it.")
     members = []
     for checkpoint, path in zip(checkpoints, paths):
@@ -385,7 +393,7 @@ def main(argv: list[str]) -> list[dict]:
         rows = predict_radiographs(checkpoints, args.checkpoint, input_path, output, device, amp_dtype)
     else:
         rows = predict_segmentations(checkpoints, args.checkpoint, task, input_path, output, args.tta,
-                                     args.keep_largest, device, amp_dtype,
+                                     args.keep_largest_component, device, amp_dtype,
                                      Path(args.labels) if args.labels else None, args.nsd_tolerance_mm,
                                      window_batch_size=args.window_batch_size)
     tqdm.write(f"{task}: {len(rows)} prediction(s) written to {output}")

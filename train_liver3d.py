@@ -2,7 +2,7 @@
 
     python train_liver3d.py                                   # synthetic liver CT phantom, CPU-sized
     python train_liver3d.py --data-dir /data/Task03_Liver --amp --compile   # patch and network planned
-    python train_liver3d.py --data-dir /data/Task27_ACDC --patch 16,256,224 --strides "1,2,2;1,2,2;2,2,2;2,2,2"
+    python train_liver3d.py --data-dir /data/Task27_ACDC --patch-size 16,256,224 --strides "1,2,2;1,2,2;2,2,2;2,2,2"
     python train_liver3d.py --resume runs/liver3d/last.pt     # continue an interrupted run
     python train_liver3d.py --config runs/liver3d/config.json --out runs/again   # rerun a config
 
@@ -27,25 +27,28 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data.augment3d import Augment3DConfig
 from data.msd import read_msd_dataset
-from data.patches import EpochSampler, PatchDataset
+from data.patches import PatchDataset
 from data.preprocess import PreprocessPlan, load_preprocessed_case, plan_preprocessing, preprocess_dataset, \
     save_prediction
+from data.samplers import EpochSampler
 from data.splits import PATIENT_PATTERN, count_patients, split_cases
 from data.synthetic.liver import ensure_liver_phantom
-from engine.benchmark import benchmark_training
 from engine.checkpoint import load_checkpoint, resume_training, save_checkpoint, training_state
 from engine.config import check_sizes, parse_config, save_config
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.evaluate import evaluate
 from engine.inference import default_window_batch_size, trained_flips
 from engine.layout import resolve_memory_format, resolve_norm
-from engine.logging import RunLogger, foreground_slice_index, overlay_slice
-from engine.optim import build_optimizer
-from engine.postprocess import keep_largest_foreground
 from engine.loader import build_loader
+from engine.logging import RunLogger
+from engine.metrics import metric_key, surface_scores
+from engine.optim import build_optimizer
+from engine.pictures import foreground_slice_index, overlay_slice
+from engine.postprocess import keep_largest_foreground
 from engine.pseudo_dice import ValidationPatch, draw_validation_patches, pseudo_dice, read_validation_patches
 from engine.results import write_metrics
-from engine.runtime import metric_key, start_run, surface_scores
+from engine.runtime import start_run
+from engine.throughput import benchmark_training
 from engine.train import train_one_epoch
 from losses import DeepSupervisionLoss, DiceCELoss
 from models import UNet
@@ -67,9 +70,9 @@ class Config:
     synthetic_cases: int = 20  # phantom only: number of generated CT volumes
     synthetic_matrix: int = 128  # phantom only: in-plane voxels per slice (the size knob; tests use ~24)
     # sampling and augmentation
-    patch: tuple[int, ...] | None = None  # patch size z,y,x (one int: a cube); auto: the median preprocessed shape, shrunk until a step fits the memory of a 128^3 patch at batch 2 and 32 base channels, divisible by the downsampling
-    fg_prob: float = 0.33  # share of patches centred on a voxel of a random foreground class (nnU-Net)
-    fg_sampling: str = "per_batch"  # per_batch (round(batch_size x fg_prob) of every batch, nnU-Net) or per_sample (each patch draws at fg_prob)
+    patch_size: tuple[int, ...] | None = None  # patch size z,y,x (one int: a cube); auto: the median preprocessed shape, shrunk until a step fits the memory of a 128^3 patch at batch 2 and 32 base channels, divisible by the downsampling
+    foreground_share: float = 0.33  # share of patches centred on a voxel of a random foreground class (nnU-Net)
+    foreground_sampling: str = "per_batch"  # per_batch (round(batch_size x foreground_share) of every batch, nnU-Net) or per_sample (each patch draws at foreground_share)
     augment: Augment3DConfig = field(default_factory=Augment3DConfig)  # edit in config.json, pass --config
     # model
     base_channels: int = 32  # feature channels at full resolution, doubled each level up to max_channels
@@ -99,7 +102,7 @@ class Config:
     overlap: float = 0.5  # sliding-window overlap between neighbouring windows (fraction of the patch)
     window_batch_size: int | None = None  # windows (and pseudo-Dice patches) per forward pass at validation; none = ~2^23 voxels on a GPU (4 windows of 128^3), 2 on a CPU
     tta: bool = False  # mirroring test-time augmentation at the final validation, along the axes training flips (augment.mirror_axes; all three: 8x slower)
-    keep_largest: bool = False  # keep the largest connected foreground component (one organ, e.g. liver)
+    keep_largest_component: bool = False  # keep the largest connected foreground component (one organ, e.g. liver)
     nsd_tolerance_mm: float = 2.0  # normalised surface Dice counts boundary voxels within this distance as correct
     # hardware and reproducibility
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, cuda:1, mps or cpu
@@ -119,17 +122,17 @@ class Config:
 # pixels, 2.5-5 mm slices), but the small matrices of quick runs have ~16 mm pixels and would plan z-only
 # levels, and the phantom's figures should not depend on the matrix size.
 SYNTHETIC_PROFILE = dict(
-    patch=(32, 80, 80), base_channels=8, depth=4, strides=((2, 2, 2),), kernel_sizes=((3, 3, 3),),
+    patch_size=(32, 80, 80), base_channels=8, depth=4, strides=((2, 2, 2),), kernel_sizes=((3, 3, 3),),
     epochs=32, steps_per_epoch=25, val_every=16,
-    fg_prob=0.8, fg_sampling="per_sample", optimizer="adamw", lr=4e-3, weight_decay=1e-4, schedule="cosine",
-    warmup_steps=25,
-    keep_largest=True, tta=True, workers=1)
+    foreground_share=0.8, foreground_sampling="per_sample", optimizer="adamw", lr=4e-3, weight_decay=1e-4,
+    schedule="cosine", warmup_steps=25,
+    keep_largest_component=True, tta=True, workers=1)
 
 
 # Named sets of settings for --recipe; `default` is the dataclass defaults of the same fields.
 RECIPES = {
     "nnunet": dict(optimizer="sgd", lr=0.01, momentum=0.99, weight_decay=3e-5, schedule="poly", warmup_steps=0,
-                   fg_prob=0.33, fg_sampling="per_batch"),
+                   foreground_share=0.33, foreground_sampling="per_batch"),
 }
 
 
@@ -184,14 +187,14 @@ def plan_network(config: Config, spacing: tuple[float, ...], shape: tuple[float,
     run and predict.py build the same network."""
     fixed = dict(depth=config.depth, strides=config.strides, kernel_sizes=config.kernel_sizes)
     try:
-        if config.patch is None:
+        if config.patch_size is None:
             patch, topology = plan_patch(spacing, shape, batch_size=config.batch_size,
                                          base_channels=config.base_channels, max_channels=config.max_channels, **fixed)
         else:
-            patch = tuple(config.patch) * 3 if len(config.patch) == 1 else tuple(config.patch)
+            patch = tuple(config.patch_size) * 3 if len(config.patch_size) == 1 else tuple(config.patch_size)
             topology = resolve_topology(spacing, patch, **fixed)
     except ValueError as error:
-        raise SystemExit(f"network plan: {error}. Fix --patch, --depth, --strides or --kernel-sizes.") from None
+        raise SystemExit(f"network plan: {error}. Fix --patch-size, --depth, --strides or --kernel-sizes.") from None
     augment = config.augment
     if topology.strides[0][0] == 1:
         augment = dataclasses.replace(augment, rotation_in_plane_only=True)
@@ -199,12 +202,12 @@ def plan_network(config: Config, spacing: tuple[float, ...], shape: tuple[float,
     def origin(value) -> str:
         return "given" if value is not None else "planned"
 
-    logger.info(f"network: patch {patch} ({origin(config.patch)}; median shape {tuple(round(s) for s in shape)}), "
+    logger.info(f"network: patch {patch} ({origin(config.patch_size)}; median shape {tuple(round(s) for s in shape)}), "
                 f"depth {topology.depth} ({origin(config.depth)}), strides {format_levels(topology.strides)} "
                 f"({origin(config.strides)}), kernel sizes {format_levels(topology.kernel_sizes)} "
                 f"({origin(config.kernel_sizes)}) for spacing {tuple(round(s, 3) for s in spacing)} mm"
                 + (", rotation in plane only" if augment.rotation_in_plane_only else ""))
-    return dataclasses.replace(config, patch=patch, depth=topology.depth, strides=topology.strides,
+    return dataclasses.replace(config, patch_size=patch, depth=topology.depth, strides=topology.strides,
                                kernel_sizes=topology.kernel_sizes, augment=augment)
 
 
@@ -260,9 +263,10 @@ def validate(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], 
     cases = ((case_id, case.image, case.label) for case_id in val_ids
              for case in [load_preprocessed_case(entry, case_id)])
     mirror_axes = trained_flips(dataclasses.asdict(config.augment), 3) if config.tta else ()
-    results = evaluate(model, cases, num_classes=len(labels), roi_size=config.patch, device=device,
+    results = evaluate(model, cases, num_classes=len(labels), patch_size=config.patch_size, device=device,
                        amp_dtype=amp_dtype, overlap=config.overlap, batch_size=config.window_batch_size,
-                       mirror_axes=mirror_axes, postprocess=keep_largest_foreground if config.keep_largest else None,
+                       mirror_axes=mirror_axes,
+                       postprocess=keep_largest_foreground if config.keep_largest_component else None,
                        on_prediction=on_prediction, spacing=spacing, tolerance_mm=config.nsd_tolerance_mm)
     scores = {metric_key(labels[k]): v for k, v in results["mean"].items()}
     scores["dice_mean"] = float(np.mean(list(scores.values())))
@@ -274,9 +278,9 @@ def validate(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], 
 
 def main(argv: list[str]) -> dict:
     config, resume = parse_config(Config, argv, __doc__, SYNTHETIC_PROFILE, recipes=RECIPES)
-    check_sizes("--patch", config.patch, axes="z,y,x")
-    if config.fg_sampling not in ("per_sample", "per_batch"):
-        raise SystemExit(f"--fg-sampling {config.fg_sampling}: choose per_sample or per_batch")
+    check_sizes("--patch-size", config.patch_size, axes="z,y,x")
+    if config.foreground_sampling not in ("per_sample", "per_batch"):
+        raise SystemExit(f"--foreground-sampling {config.foreground_sampling}: choose per_sample or per_batch")
     check_validation_settings(config)
     out, device, amp_dtype, workers, logger = start_run(config, resume)
     rank, world_size = rank_and_world_size()  # (0, 1) unless launched by torchrun
@@ -291,9 +295,10 @@ def main(argv: list[str]) -> dict:
     config = plan_network(config, plan.target_spacing, median_shape(entry, train_ids + val_ids), logger)
     if rank == 0:
         save_config(config, out / "config.json")
-    train_data = PatchDataset(entry, train_ids, config.patch, config.steps_per_epoch * config.batch_size,
-                              config.fg_prob, config.augment, config.seed)
-    foreground_per_batch = round(config.batch_size * config.fg_prob) if config.fg_sampling == "per_batch" else None
+    train_data = PatchDataset(entry, train_ids, config.patch_size, config.steps_per_epoch * config.batch_size,
+                              config.foreground_share, config.augment, config.seed)
+    foreground_per_batch = (round(config.batch_size * config.foreground_share)
+                            if config.foreground_sampling == "per_batch" else None)
     # Whole batches: every rank takes ceil(steps_per_epoch / world_size) full ones, so all ranks step together.
     sampler = EpochSampler(config.steps_per_epoch, config.batch_size, foreground_per_batch=foreground_per_batch,
                            num_replicas=world_size, rank=rank)
@@ -310,9 +315,10 @@ def main(argv: list[str]) -> dict:
     loss_fn = DiceCELoss(include_background=False, batch_dice=True)  # nnU-Net: CE + batch Dice
     if config.deep_supervision:
         loss_fn = DeepSupervisionLoss(loss_fn)
-    optimizer, scheduler = build_optimizer(model.parameters(), config.optimizer, config.lr, config.momentum,
-                                           config.weight_decay, config.schedule,
-                                           config.epochs * len(loader), config.warmup_steps)
+    optimizer, scheduler = build_optimizer(model.parameters(), config.optimizer, lr=config.lr,
+                                           momentum=config.momentum, weight_decay=config.weight_decay,
+                                           schedule=config.schedule, total_steps=config.epochs * len(loader),
+                                           warmup_steps=config.warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start_epoch, best_dice = 0, -1.0
@@ -340,9 +346,9 @@ def main(argv: list[str]) -> dict:
     # Validation runs the plain `model`: outside DDP it makes no collective calls, and uncompiled it
     # traces no new graphs for eval mode. Its patches are fixed for the whole run and the same on every
     # process; split_seed, not seed, so runs with other seeds are compared on the same patches.
-    validation_patches = draw_validation_patches(entry, val_ids, patch_size=config.patch,
+    validation_patches = draw_validation_patches(entry, val_ids, patch_size=config.patch_size,
                                                  patches_per_case=config.val_patches_per_case, seed=config.split_seed)
-    window_batch_size = config.window_batch_size or default_window_batch_size(device, config.patch)
+    window_batch_size = config.window_batch_size or default_window_batch_size(device, config.patch_size)
 
     # Epoch loop: train, pseudo-Dice every val_every epochs and after the last, checkpoint every epoch.
     for epoch in range(start_epoch, config.epochs):
@@ -358,7 +364,7 @@ def main(argv: list[str]) -> dict:
         last_epoch = epoch == config.epochs - 1
         if (epoch + 1) % config.val_every == 0 or last_epoch:  # every process scores its share of the patches
             scores = validate_patches(model, entry, validation_patches, labels=dataset.labels,
-                                      patch_size=config.patch, device=device, amp_dtype=amp_dtype,
+                                      patch_size=config.patch_size, device=device, amp_dtype=amp_dtype,
                                       batch_size=window_batch_size, logger=logger, epoch=epoch)
             record.update(scores)
             if scores["pseudo_dice_mean"] > best_dice:  # the best pseudo-Dice, the same on every process

@@ -28,16 +28,17 @@ from data.samplers import WeightedSliceSampler
 from data.slices import SliceDataset
 from data.splits import PATIENT_PATTERN
 from data.synthetic.lung import ensure_lung_phantom
-from engine.benchmark import benchmark_training
 from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.config import check_sizes, parse_config
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
+from engine.evaluate import validate_volumes
 from engine.layout import resolve_memory_format, resolve_norm
 from engine.loader import build_loader
 from engine.optim import build_optimizer
 from engine.results import write_metrics
 from engine.runtime import start_run
-from engine.slicewise import num_outputs, validate_volumes
+from engine.slicewise import num_outputs
+from engine.throughput import benchmark_training
 from engine.train import train_one_epoch
 from engine.volumes import prepare_volumes
 from losses import build_loss
@@ -86,7 +87,7 @@ class Config:
     epochs: int = 100  # total epochs (a resumed run continues up to this number)
     # validation
     val_every: int = 10  # validate every N epochs; always after the last epoch
-    largest_component: bool = False  # keep only the largest connected 3D component (off: a patient may have several nodules)
+    keep_largest_component: bool = False  # keep only the largest connected 3D component (off: a patient may have several nodules)
     nsd_tolerance_mm: float = 2.0  # normalised surface Dice counts boundary voxels within this distance as correct
     # hardware and reproducibility
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, cuda:1, mps or cpu
@@ -176,7 +177,7 @@ def main(argv: list[str]) -> dict:
     def validate(epoch: int, save_dir: Path | None = None) -> dict:  # every slice of every validation case
         return validate_volumes(model, entry, val_ids, labels=dataset.labels, outputs=outputs,
                                 axis=config.slice_axis, image_size=config.image_size, fit=config.fit,
-                                largest_component=config.largest_component, spacing=plan.target_spacing,
+                                keep_largest_component=config.keep_largest_component, spacing=plan.target_spacing,
                                 tolerance_mm=config.nsd_tolerance_mm, device=device, amp_dtype=amp_dtype,
                                 logger=logger, epoch=epoch, save_dir=save_dir)
 

@@ -29,17 +29,17 @@ from data.rsna import ChestXrayDataset, cache_images, image_statistics, read_rsn
     split_patients
 from data.samplers import WeightedClassSampler
 from data.synthetic.rsna import ensure_rsna_phantom
-from engine.benchmark import benchmark_training
 from engine.cam import box_area_fraction, cam_mass_in_boxes, cam_peak_in_boxes, class_activation_maps, grad_cams, \
     save_cam_overlay
 from engine.checkpoint import resume_training, save_checkpoint, training_state
 from engine.classification import classification_metrics, predict_probabilities
-from engine.config import parse_config as parse_config_with_profile
+from engine.config import check_sizes, parse_config as parse_config_with_profile
 from engine.distributed import cleanup_distributed, main_process_first, rank_and_world_size
 from engine.logging import RunLogger
 from engine.loader import build_loader
+from engine.optim import build_optimizer
 from engine.runtime import start_run
-from engine.schedules import cosine_schedule
+from engine.throughput import benchmark_training
 from engine.train import train_one_epoch
 from losses import BCELoss
 from models.resnet import ResNet18Classifier, load_weights
@@ -58,14 +58,14 @@ class Config:
     data_dir: str | None = None  # RSNA folder (stage_2_train_labels.csv, stage_2_train_images/); none = the synthetic phantom
     out: str = "runs/pneumonia"  # run folder: config.json, last.pt, best.pt, metrics.json, log.jsonl, cam/, TensorBoard events
     cache_dir: str = ".cache"  # decoded, resized images (and the generated phantom) live here, keyed by their parameters
-    image_size: int = 224  # images are resized to this square once, when the cache is built
+    image_size: tuple[int, ...] = (224, 224)  # network input H,W in pixels (one int = square); films are resized to it once, when the cache is built
     val_fraction: float = 0.2  # share of patients held out for validation, stratified by class
     split_seed: int = 12345  # seed of the patient split, fixed so that runs with other --seed values compare on the same patients
     synthetic_patients: int = 1000  # phantom only: number of generated radiographs (a share of 0.22 with pneumonia, as RSNA)
     synthetic_matrix: int = 256  # phantom only: pixels per side of the generated films (the size knob; tests use ~64)
     # sampling and augmentation
     balance: str = "sampler"  # sampler (draw positives at --positive-share), pos_weight (weigh positives by negatives/positives in BCE) or none
-    positive_share: float = 0.5  # sampler only: expected share of positives among the draws (RSNA itself has 0.22)
+    positive_share: float = 0.5  # sampler only: expected share of pneumonia films among the draws, a class balance (not the segmentation recipes' foreground_share: every film shows lungs, none is centred anywhere; RSNA itself has 0.22)
     samples_per_epoch: int | None = None  # images drawn per epoch; none = as many as training patients
     augment: Augment2DConfig = field(default_factory=chest_xray_augmentation)  # rotation, scaling, shift, intensity (edit via --config)
     crop_min_area: float = 0.8  # random resized crop: smallest share of the film a crop keeps (1 disables)
@@ -103,12 +103,13 @@ class Config:
 # feature map sees the whole film, and the network spread its evidence over many cells, so half as
 # much of the CAMs' heat fell on the opacities (see the README's measured figures).
 SYNTHETIC_PROFILE = dict(
-    image_size=192, batch_size=16, weights="none", backbone_lr_factor=1.0, lr=1e-3, warmup_steps=25, epochs=7,
+    image_size=(192, 192), batch_size=16, weights="none", backbone_lr_factor=1.0, lr=1e-3, warmup_steps=25, epochs=7,
     workers=1)
 
 
 def parse_config(argv: list[str]) -> tuple[Config, str | None]:
     config, resume = parse_config_with_profile(Config, argv, __doc__, SYNTHETIC_PROFILE)
+    check_sizes("--image-size", config.image_size, axes="H,W")
     if config.balance not in ("sampler", "pos_weight", "none"):
         raise SystemExit(f"--balance {config.balance}: choose sampler, pos_weight or none")
     if config.cam not in ("cam", "gradcam"):
@@ -131,20 +132,19 @@ def prepare_data(config: Config, logger: RunLogger, *, workers: int):
     train_indices, val_indices = split_patients(patients, config.val_fraction, config.split_seed)
     labels = np.array([p.label for p in patients])
     logger.info(f"{root}: {len(patients)} patients ({labels.mean():.0%} positive), {len(train_indices)} "
-                f"training / {len(val_indices)} validation, {config.image_size}px cache ready in "
+                f"training / {len(val_indices)} validation, {'x'.join(map(str, config.image_size))} px cache ready in "
                 f"{time.perf_counter() - started:.0f} s")
     return patients, images, source_shapes, labels, train_indices, val_indices
 
 
-def build_optimizer(config: Config, model: ResNet18Classifier, total_steps: int):
-    # Discriminative learning rates: pretrained features need small steps, the new head large ones.
+def parameter_groups(model: ResNet18Classifier, *, lr: float, backbone_lr_factor: float) -> list[dict]:
+    """Discriminative learning rates: pretrained features need small steps, the new head large ones."""
     head = [p for p in model.head.parameters() if p.requires_grad]
     backbone = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("backbone.fc.")]
-    groups = [{"params": head, "lr": config.lr}]
+    groups = [{"params": head, "lr": lr}]
     if backbone:
-        groups.append({"params": backbone, "lr": config.lr * config.backbone_lr_factor})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    return optimizer, cosine_schedule(optimizer, total_steps, config.warmup_steps)
+        groups.append({"params": backbone, "lr": lr * backbone_lr_factor})
+    return groups
 
 
 def validate(model, loader, *, device: torch.device, amp_dtype: torch.dtype | None, logger: RunLogger,
@@ -259,7 +259,11 @@ def main(argv: list[str]) -> dict:
     positives = int(labels[train_indices].sum())
     pos_weight = (len(train_indices) - positives) / max(positives, 1) if config.balance == "pos_weight" else None
     loss_fn = BCELoss(pos_weight=pos_weight)
-    optimizer, scheduler = build_optimizer(config, model, config.epochs * steps_per_epoch)
+    # AdamW with a smaller learning rate for the backbone, linear warm-up then cosine, stepped every batch.
+    groups = parameter_groups(model, lr=config.lr, backbone_lr_factor=config.backbone_lr_factor)
+    optimizer, scheduler = build_optimizer(groups, "adamw", lr=config.lr, weight_decay=config.weight_decay,
+                                           schedule="cosine", total_steps=config.epochs * steps_per_epoch,
+                                           warmup_steps=config.warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     start_epoch, best_auc = 0, -1.0

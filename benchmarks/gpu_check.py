@@ -88,7 +88,8 @@ import train_liver3d
 from benchmarks.common import make_volume
 from benchmarks.pipelines import write_cache_entry
 from data.nifti import read_nifti
-from data.patches import EpochSampler, PatchDataset
+from data.patches import PatchDataset
+from data.samplers import EpochSampler
 from data.synthetic.liver import ensure_liver_phantom
 from engine import inference
 from engine.checkpoint import load_checkpoint
@@ -162,7 +163,8 @@ FULL = Sizes(
     smoke=False,
 )
 SMOKE = Sizes(
-    liver_flags=("--synthetic-cases", "4", "--synthetic-matrix", "24", "--val-fraction", "0.25", "--patch", "16,24,24",
+    liver_flags=("--synthetic-cases", "4", "--synthetic-matrix", "24", "--val-fraction", "0.25",
+                 "--patch-size", "16,24,24",
                  "--base-channels", "4", "--depth", "3", "--steps-per-epoch", "2", "--val-every", "2",
                  "--val-patches-per-case", "2", "--tta", "false", "--workers", "0"),
     compile_backend="eager",
@@ -453,7 +455,8 @@ def time_combination(step: StepSizes, norm: str, memory_format: torch.memory_for
         loss_fn = DiceCELoss(include_background=False, batch_dice=True)
         loss_fn = DeepSupervisionLoss(loss_fn) if step.deep_supervision else loss_fn
     total_steps = sizes.warmup_steps + sizes.timed_steps
-    optimizer, scheduler = build_optimizer(model.parameters(), "sgd", 0.01, 0.99, 3e-5, "poly", total_steps, 0)
+    optimizer, scheduler = build_optimizer(model.parameters(), "sgd", lr=0.01, momentum=0.99, weight_decay=3e-5,
+                                           schedule="poly", total_steps=total_steps, warmup_steps=0)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     batch = random_batch(step, device)
     figures, step_seconds, losses = {}, [], []
@@ -589,7 +592,7 @@ def sliding_window(context: PartContext) -> None:
                 break
             context.say(f"call {call + 1}")
             started = time.perf_counter()
-            predict_volume(model, image, roi_size=sizes.window, num_classes=3, device=device,
+            predict_volume(model, image, patch_size=sizes.window, num_classes=3, device=device,
                            amp_dtype=context.amp_dtype, overlap=0.5)
             context.result["call_s"].append(time.perf_counter() - started)
             context.save()
@@ -614,8 +617,8 @@ def loader_throughput(context: PartContext) -> None:
     entry = write_cache_entry(volume, context.cache_dir / "loader_entry")
     recipe = train_liver3d.Config()  # the recipe's foreground share and default augmentation
     batch_size = 2
-    dataset = PatchDataset(entry, ["case"], sizes.loader_patch, sizes.loader_batches * batch_size, recipe.fg_prob,
-                           recipe.augment, seed=0)
+    dataset = PatchDataset(entry, ["case"], sizes.loader_patch, sizes.loader_batches * batch_size,
+                           recipe.foreground_share, recipe.augment, seed=0)
     needed = gpu_patches_per_second(context)
     context.result.update(patch=sizes.loader_patch, batches=sizes.loader_batches, gpu_patches_per_s=needed, workers={})
     longest = 0.0

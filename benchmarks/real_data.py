@@ -1,6 +1,6 @@
 """Our recipe, our recipe with nnU-Net's optimisation, and the MONAI reference, side by side on real data.
 
-    python benchmarks/real_data.py --data-dir ../shared/data/Task28_LA2018 --steps 500 --patch 32 --batch-size 8
+    python benchmarks/real_data.py --data-dir ../shared/data/Task28_LA2018 --steps 500 --patch-size 32 --batch-size 8
     python benchmarks/real_data.py --data-dir ../shared/data/Task28_LA2018 --steps 500 --seeds 0,1 --only ours,monai
     python benchmarks/real_data.py --data-dir ../shared/data/Task28_LA2018 --2d --steps 500 --image-size 256
 
@@ -91,7 +91,7 @@ def parse_window(text: str | None, spatial_dims: int) -> tuple[int, ...]:
     """'32' -> (32, 32, 32) in 3D; '16,96,96' as given; None -> the recipe's default."""
     if text is None:
         if spatial_dims == 3:  # the recipe plans a GPU-sized patch; the reference needs one given
-            raise SystemExit("--patch is needed in 3D (e.g. --patch 32): every run trains on that patch")
+            raise SystemExit("--patch-size is needed in 3D (e.g. --patch-size 32): every run trains on that patch")
         return tuple(train_atrium.Config.image_size)
     sizes = tuple(int(size) for size in text.split(","))
     return sizes * spatial_dims if len(sizes) == 1 else sizes
@@ -101,11 +101,11 @@ def budget_flags(script: str, budget: Budget, *, spatial_dims: int) -> list[str]
     """The flags that give ``script`` the budget: steps, batch and window, validation after the last step."""
     window = ",".join(str(size) for size in budget.window)
     if script == REFERENCE_SCRIPT:
-        window_flag = "--patch" if spatial_dims == 3 else "--image-size"
+        window_flag = "--patch-size" if spatial_dims == 3 else "--image-size"
         return ["--steps", str(budget.steps), "--batch-size", str(budget.batch_size), window_flag, window]
     epochs = ["--epochs", str(budget.epochs), "--val-every", str(budget.epochs), "--batch-size", str(budget.batch_size)]
     if script == "train_liver3d.py":
-        return [*epochs, "--steps-per-epoch", str(budget.steps_per_epoch), "--patch", window]
+        return [*epochs, "--steps-per-epoch", str(budget.steps_per_epoch), "--patch-size", window]
     # train_atrium.py counts an epoch in slices and drops no slice: samples = steps x batch.
     return [*epochs, "--samples-per-epoch", str(budget.steps_per_epoch * budget.batch_size), "--image-size", window]
 
@@ -224,7 +224,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, each run once per seed (default: 0)")
     parser.add_argument("--2d", dest="spatial_dims", action="store_const", const=2, default=3,
                         help="train_atrium.py and the 2D reference instead of train_liver3d.py and the 3D one")
-    parser.add_argument("--patch", help="3D patch z,y,x or one int for a cube (default: train_liver3d.py's)")
+    parser.add_argument("--patch-size", help="3D patch z,y,x or one int for a cube (default: train_liver3d.py's)")
     parser.add_argument("--image-size", help="2D image size H,W or one int (default: train_atrium.py's)")
     parser.add_argument("--spacing", help="target spacing z,y,x in mm of every run (default: the recipe's, the median)")
     parser.add_argument("--batch-size", type=int, help="patches or slices per step (default: the recipe's)")
@@ -243,8 +243,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if unknown:
         choices = ", ".join(VARIANTS[args.spatial_dims])
         parser.error(f"--only {args.only}: unknown runs {unknown}; choose among {choices}")
-    if (args.patch if args.spatial_dims == 2 else args.image_size) is not None:
-        parser.error("--patch is for 3D runs and --image-size for --2d runs")
+    if (args.patch_size if args.spatial_dims == 2 else args.image_size) is not None:
+        parser.error("--patch-size is for 3D runs and --image-size for --2d runs")
     return args
 
 
@@ -258,7 +258,7 @@ def main(argv: list[str]) -> list[dict]:
     recipe = train_liver3d.Config if dims == 3 else train_atrium.Config
     budget = Budget(steps=args.steps, epochs=epochs, steps_per_epoch=steps_per_epoch,
                     batch_size=args.batch_size or recipe.batch_size,
-                    window=parse_window(args.patch if dims == 3 else args.image_size, dims))
+                    window=parse_window(args.patch_size if dims == 3 else args.image_size, dims))
     out = Path(args.out)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     names = [name for name in VARIANTS[dims] if name in args.only.split(",")]

@@ -1,7 +1,7 @@
 """The MONAI tutorial recipe for segmentation, trained on our data and scored by our metrics.
 
     pip install -r benchmarks/requirements-bench.txt                     # MONAI (benchmarks only)
-    python benchmarks/reference_monai.py --data-dir /data/Task28_LA2018 --steps 500 --patch 32 --batch-size 8
+    python benchmarks/reference_monai.py --data-dir /data/Task28_LA2018 --steps 500 --patch-size 32 --batch-size 8
     python benchmarks/reference_monai.py --data-dir /data/Task28_LA2018 --spatial-dims 2 --image-size 256
 
 What MONAI supplies: the network (`BasicUNet`, features 16-256), the loss (`DiceCELoss` in 3D,
@@ -54,11 +54,11 @@ import train_atrium
 import train_liver3d
 from data.preprocess import load_preprocessed_case
 from engine.config import build_parser, config_from_dict
-from engine.inference import pad_to_roi
+from engine.inference import pad_to_patch
 from engine.logging import RunLogger
-from engine.metrics import dice_per_class
+from engine.metrics import dice_per_class, metric_key, surface_scores
 from engine.results import write_metrics
-from engine.runtime import metric_key, pick_device, surface_scores
+from engine.runtime import pick_device
 from engine.surface_metrics import mean_surface_metrics, surface_metrics_per_class
 from engine.volumes import prepare_volumes
 
@@ -82,7 +82,7 @@ class Config:
     cache_dir: str = ".cache"  # the recipes' preprocessed cache (filled here if empty): the arrays the recipe trains on
     spatial_dims: int = 3  # 3: 3D BasicUNet on patches (as train_liver3d.py); 2: 2D BasicUNet on slices (as train_atrium.py)
     spacing: tuple[float, ...] | None = None  # target spacing z,y,x in mm of the recipe's cache; auto = the recipe's (the median)
-    patch: tuple[int, ...] = (64, 64, 64)  # 3D: patch z,y,x (one int = a cube), multiples of 16
+    patch_size: tuple[int, ...] = (64, 64, 64)  # 3D: patch z,y,x (one int = a cube), multiples of 16
     image_size: tuple[int, ...] = train_atrium.Config.image_size  # 2D: window H,W (one int = square), multiples of 16
     batch_size: int | None = None  # patches (3D) or slices (2D) per step; none = the recipe's default
     steps: int = 500  # optimizer steps; the budget of a recipe run is its epochs x steps per epoch
@@ -97,7 +97,7 @@ class Config:
 def parse_args(argv: list[str]) -> Config:
     """Flags from the fields of `Config`; one number for a patch or image size repeats on every axis."""
     flags = vars(build_parser(Config, __doc__).parse_args(argv))
-    for name in ("patch", "image_size"):
+    for name in ("patch_size", "image_size"):
         if name in flags and len(flags[name]) == 1:
             flags[name] = flags[name] * len(getattr(Config, name))
     config = config_from_dict(Config, flags)
@@ -108,7 +108,7 @@ def parse_args(argv: list[str]) -> Config:
         raise SystemExit(f"--spatial-dims {config.spatial_dims}: choose 3 (patches) or 2 (slices)")
     window = window_size(config)
     if len(window) != config.spatial_dims or any(size % 2**POOLINGS for size in window):
-        flag = "--patch" if config.spatial_dims == 3 else "--image-size"
+        flag = "--patch-size" if config.spatial_dims == 3 else "--image-size"
         raise SystemExit(f"{flag} {','.join(map(str, window))}: BasicUNet halves every axis {POOLINGS} times, so give "
                          f"{config.spatial_dims} sizes that are multiples of {2**POOLINGS} (e.g. 32)")
     if config.steps < 1:
@@ -118,7 +118,7 @@ def parse_args(argv: list[str]) -> Config:
 
 def window_size(config: Config) -> tuple[int, ...]:
     """The training patch (3D) or slice window (2D), which is also the sliding window."""
-    return tuple(config.patch if config.spatial_dims == 3 else config.image_size)
+    return tuple(config.patch_size if config.spatial_dims == 3 else config.image_size)
 
 
 def batch_size(config: Config) -> int:
@@ -148,7 +148,7 @@ def pad_case(image: np.ndarray, label: np.ndarray, size: tuple[int, ...]):
     at least ``size`` per axis (as the recipes pad). Returns the padded pair and the region of the
     original voxels."""
     # np.array copies: the cached arrays are read-only memory maps.
-    padded_image, region = pad_to_roi(torch.from_numpy(np.array(image, dtype=np.float32)), size)
+    padded_image, region = pad_to_patch(torch.from_numpy(np.array(image, dtype=np.float32)), size)
     padded_label = np.zeros(padded_image.shape[1:], dtype=np.uint8)
     padded_label[region] = label
     return padded_image.numpy(), padded_label, region
@@ -240,10 +240,10 @@ def predict_case(model, image: np.ndarray, *, config: Config, outputs: int, devi
     window = window_size(config)
     image = torch.from_numpy(np.array(image, dtype=np.float32))  # a copy of the read-only memory map
     if config.spatial_dims == 3:
-        padded, region = pad_to_roi(image, window)
+        padded, region = pad_to_patch(image, window)
         inputs = padded[None]  # (1, C, Z, Y, X)
     else:
-        padded, region = pad_to_roi(image, (1, *window))
+        padded, region = pad_to_patch(image, (1, *window))
         inputs = padded.transpose(0, 1)  # (Z, C, Y, X): the slices are the batch
     logits = sliding_window_inference(inputs.to(device), window, WINDOWS_PER_FORWARD, model, overlap=config.overlap,
                                       mode="gaussian")

@@ -111,29 +111,29 @@ def _small_unet() -> torch.nn.Module:
     return UNet(spatial_dims=3, in_channels=1, num_classes=3, base_channels=4, depth=4, norm="group_norm").eval()
 
 
-def measure_sliding_window(volume, roi: int, repeats: int, notes: list[str]) -> dict:
+def measure_sliding_window(volume, patch: int, repeats: int, notes: list[str]) -> dict:
     """Seconds per whole-volume prediction: ours, MONAI's, and the bare forwards of the same windows.
 
-    Both predict softmax probabilities of the same model on the same windows (roi, overlap 0.5,
-    Gaussian weights with sigma = roi / 8, 2 windows per forward) and average them."""
+    Both predict softmax probabilities of the same model on the same windows (patch, overlap 0.5,
+    Gaussian weights with sigma = patch / 8, 2 windows per forward) and average them."""
     model = _small_unet()
     image = torch.from_numpy(volume.image)  # (1, Z, Y, X)
-    roi_size = (roi, roi, roi)
+    patch_size = (patch, patch, patch)
 
     def softmax_model(batch: torch.Tensor) -> torch.Tensor:
         return torch.softmax(model(batch), dim=1)
 
-    runs = {"ours (engine.inference)": lambda: sliding_window_inference(image, model, roi_size=roi_size,
+    runs = {"ours (engine.inference)": lambda: sliding_window_inference(image, model, patch_size=patch_size,
                                                                        num_classes=3, overlap=0.5, batch_size=2)}
     try:
         from monai.inferers import sliding_window_inference as monai_sliding_window
 
         runs["MONAI sliding_window_inference"] = lambda: monai_sliding_window(
-            image[None], roi_size, 2, softmax_model, overlap=0.5, mode="gaussian", sigma_scale=0.125)
+            image[None], patch_size, 2, softmax_model, overlap=0.5, mode="gaussian", sigma_scale=0.125)
     except ImportError as error:
         notes.append(f"MONAI sliding window: skipped, not installed ({error.name or error})")
     # The bare forwards: every window of the volume, cut in advance, through the model two at a time.
-    windows = _window_batches(image, roi)
+    windows = _window_batches(image, patch)
     runs["bare model forwards"] = lambda: [model(batch) for batch in windows]
     seconds = {name: [] for name in runs}
     with torch.inference_mode():
@@ -147,9 +147,9 @@ def measure_sliding_window(volume, roi: int, repeats: int, notes: list[str]) -> 
     return {"windows": sum(len(batch) for batch in windows), **{name: summarize(v) for name, v in seconds.items()}}
 
 
-def _window_batches(image: torch.Tensor, roi: int) -> list[torch.Tensor]:
-    starts = [window_starts(size, roi, 0.5) for size in image.shape[1:]]
-    crops = [image[:, z:z + roi, y:y + roi, x:x + roi] for z in starts[0] for y in starts[1] for x in starts[2]]
+def _window_batches(image: torch.Tensor, patch: int) -> list[torch.Tensor]:
+    starts = [window_starts(size, patch, 0.5) for size in image.shape[1:]]
+    crops = [image[:, z:z + patch, y:y + patch, x:x + patch] for z in starts[0] for y in starts[1] for x in starts[2]]
     return [torch.stack(crops[first:first + 2]) for first in range(0, len(crops), 2)]
 
 
@@ -219,7 +219,7 @@ def measure_end_to_end(steps: int, worker_counts: list[int], extra_args: list[st
     """`train_liver3d.py --benchmark N [extra_args]` for a few --workers values, with all threads.
 
     Without extra arguments this is the phantom default on the CPU; on a GPU machine, e.g.
-    ``--end-to-end-args="--patch 128 --amp --compile"`` times the headline recipe."""
+    ``--end-to-end-args="--patch-size 128 --amp --compile"`` times the headline recipe."""
     results = {}
     for workers in worker_counts:
         out = cache_dir / f"end_to_end_workers{workers}"
@@ -330,7 +330,7 @@ def markdown(results: dict, sizes: list[int], targets: list, notes: list[str]) -
     if "sliding_window" in results:
         table = results["sliding_window"]
         shape = "x".join(str(size) for size in results["volume_shape"][::-1])
-        title = f"sliding window over {shape}, {results['sliding_window_roi']}^3 roi, {table['windows']} windows"
+        title = f"sliding window over {shape}, {results['sliding_window_patch']}^3 patch, {table['windows']} windows"
         lines += ["", f"| {title} | seconds |", "|---|---|"]
         lines += [f"| {name} | {format_rate(summary)} |" for name, summary in table.items() if name != "windows"]
     if "engine_step" in results:
@@ -371,14 +371,15 @@ def main() -> None:
                         help="steps of train_liver3d.py --benchmark per worker count (0 skips it)")
     parser.add_argument("--end-to-end-workers", default="0,1,2", help="comma-separated --workers values to time")
     parser.add_argument("--end-to-end-args", default="",
-                        help='more train_liver3d.py flags for the end-to-end part, e.g. "--patch 128 --amp --compile"')
+                        help='more train_liver3d.py flags for the end-to-end part, '
+                             'e.g. "--patch-size 128 --amp --compile"')
     args = parser.parse_args()
     torch.set_num_threads(1)
     cache_dir = Path(args.cache_dir)
     if args.quick:
-        volume_shape, sizes, roi, repeats, engine_size, steps = (40, 64, 64), [16, 24], 16, 1, 16, 1
+        volume_shape, sizes, patch, repeats, engine_size, steps = (40, 64, 64), [16, 24], 16, 1, 16, 1
     else:
-        volume_shape, sizes, roi, repeats, engine_size, steps = (128, 256, 256), [64, 128], 64, args.repeats, 64, 2
+        volume_shape, sizes, patch, repeats, engine_size, steps = (128, 256, 256), [64, 128], 64, args.repeats, 64, 2
     sections = args.sections.split(",")
     unknown = set(sections) - set(SECTIONS)
     if unknown:
@@ -402,8 +403,8 @@ def main() -> None:
         results["2d"] = measure_2d(volume, repeats, count=16 if args.quick else 64, notes=notes)
     if "sliding_window" in sections:
         print("sliding window", file=sys.stderr)
-        results["sliding_window_roi"] = roi
-        results["sliding_window"] = measure_sliding_window(volume, roi, timing_repeats, notes)
+        results["sliding_window_patch"] = patch
+        results["sliding_window"] = measure_sliding_window(volume, patch, timing_repeats, notes)
     if "engine_step" in sections:
         print("engine step", file=sys.stderr)
         results["engine_step"] = measure_engine_step(engine_size, steps, 2 * timing_repeats)

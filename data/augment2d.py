@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import scipy.ndimage
 
-from data.augment3d import adjust_contrast, adjust_gamma, sample_nearest
+from data.augment3d import adjust_contrast, adjust_gamma, control_points, gaussian_kernels, sample_gamma, sample_nearest
 
 
 @dataclass
@@ -95,24 +95,15 @@ def sample_spatial_transform_2d(
     if rng.uniform() < config.p_elastic:
         elastic_sigma = float(rng.uniform(*config.elastic_sigma_range))
         elastic_magnitude = float(rng.uniform(0.0, config.elastic_max_magnitude))
-        control_shape = [len(_control_points(size, elastic_sigma)) for size in output_size]
+        control_shape = [len(control_points(size, elastic_sigma)) for size in output_size]
         elastic_noise = rng.standard_normal((2, *control_shape)).astype(np.float32)
     flip = tuple(bool(axis in config.flip_axes and rng.uniform() < config.p_flip) for axis in range(2))
     return SpatialTransform2D(angle, scale, translation, flip, elastic_sigma, elastic_magnitude, elastic_noise)
 
 
-def _control_points(size: int, sigma: float) -> np.ndarray:
-    # Gaussian bumps one sigma apart, reaching 2 sigma past both ends, sum to a field that is
-    # smooth on the scale sigma and as strong at the border as inside (as in data/augment3d.py).
-    return np.arange(-2.0 * sigma, size - 1 + 2.0 * sigma + 1e-6, sigma)
-
-
 def _elastic_displacement(output_size: tuple[int, int], params: SpatialTransform2D) -> np.ndarray:
     """Smooth random displacement `(2, H, W)` float32 whose components peak at the magnitude."""
-    kernels = []
-    for size in output_size:
-        distance = np.arange(size)[:, None] - _control_points(size, params.elastic_sigma)[None, :]
-        kernels.append(np.exp(-0.5 * (distance / params.elastic_sigma) ** 2).astype(np.float32))
+    kernels = gaussian_kernels(output_size, params.elastic_sigma)
     displacement = np.empty((2, *output_size), dtype=np.float32)
     for component in range(2):
         field = kernels[0] @ params.elastic_noise[component] @ kernels[1].T  # separable Gaussian blur
@@ -218,7 +209,7 @@ def augment_intensity_2d(image: np.ndarray, rng: np.random.Generator, config: Au
     image = np.array(image, dtype=np.float32)
     if rng.uniform() < config.p_gamma:
         for channel in range(image.shape[0]):
-            gamma = _sample_gamma(rng, config.gamma_range)
+            gamma = sample_gamma(rng, config.gamma_range)
             adjust_gamma(image[channel], gamma, retain_stats=True, out=image[channel])
     if rng.uniform() < config.p_brightness:
         multiplier = rng.uniform(*config.brightness_range, size=image.shape[0]).astype(np.float32)
@@ -230,13 +221,6 @@ def augment_intensity_2d(image: np.ndarray, rng: np.random.Generator, config: Au
         std = rng.uniform(*config.noise_std_range)
         image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(std)
     return image
-
-
-def _sample_gamma(rng: np.random.Generator, gamma_range: tuple[float, float]) -> float:
-    # Half the draws brighten and half darken; a uniform draw over (0.7, 1.5) would darken 3 to 1.
-    if gamma_range[0] < 1.0 and rng.uniform() < 0.5:
-        return float(rng.uniform(gamma_range[0], 1.0))
-    return float(rng.uniform(max(gamma_range[0], 1.0), gamma_range[1]))
 
 
 def augment_2d(

@@ -100,16 +100,27 @@ def sample_spatial_transform(
     if rng.uniform() < config.p_elastic:
         elastic_sigma = float(rng.uniform(*config.elastic_sigma_range))
         elastic_magnitude = float(rng.uniform(0.0, config.elastic_max_magnitude))
-        control_shape = [len(_control_points(size, elastic_sigma)) for size in patch_size]
+        control_shape = [len(control_points(size, elastic_sigma)) for size in patch_size]
         elastic_noise = rng.standard_normal((3, *control_shape)).astype(np.float32)
     mirror = tuple(bool(axis in config.mirror_axes and rng.uniform() < config.p_mirror) for axis in range(3))
     return SpatialTransformParams(angles, scale, mirror, elastic_sigma, elastic_magnitude, elastic_noise)
 
 
-def _control_points(size: int, sigma: float) -> np.ndarray:
+def control_points(size: int, sigma: float) -> np.ndarray:
+    """Positions of an elastic field's control points along an axis of ``size`` voxels (2D and 3D)."""
     # Gaussian bumps one sigma apart sum to a field that is smooth on the scale sigma with little
     # ripple; reaching 2 sigma past both ends keeps the field as strong at the border as inside.
     return np.arange(-2.0 * sigma, size - 1 + 2.0 * sigma + 1e-6, sigma)
+
+
+def gaussian_kernels(shape: tuple[int, ...], sigma: float) -> list[np.ndarray]:
+    """One float32 ``(size, control points)`` Gaussian matrix per axis of ``shape``: random weights on
+    the control grid multiplied by them along every axis give a field smooth on the scale ``sigma``."""
+    kernels = []
+    for size in shape:
+        distance = np.arange(size)[:, None] - control_points(size, sigma)[None, :]
+        kernels.append(np.exp(-0.5 * (distance / sigma) ** 2).astype(np.float32))
+    return kernels
 
 
 def _elastic_displacement(patch_size: tuple[int, int, int], params: SpatialTransformParams) -> np.ndarray:
@@ -117,10 +128,7 @@ def _elastic_displacement(patch_size: tuple[int, int, int], params: SpatialTrans
     # A Gaussian-smoothed random field is separable: weights on a coarse control grid blurred onto
     # the patch grid by one matrix per axis. Three small matrix products replace a 3D filter of the
     # whole patch, which at sigma ~11 would cost more than the interpolation itself.
-    kernels = []
-    for size in patch_size:
-        distance = np.arange(size)[:, None] - _control_points(size, params.elastic_sigma)[None, :]
-        kernels.append(np.exp(-0.5 * (distance / params.elastic_sigma) ** 2).astype(np.float32))
+    kernels = gaussian_kernels(patch_size, params.elastic_sigma)
     displacement = np.empty((3, *patch_size), dtype=np.float32)
     for component in range(3):
         field = _apply_separable(params.elastic_noise[component], kernels)
@@ -335,13 +343,13 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator, config: Augme
             image[channel] = simulate_low_resolution(image[channel], zoom)
     if rng.uniform() < config.p_inverted_gamma:
         for channel in range(image.shape[0]):
-            gamma = _sample_gamma(rng, config.gamma_range)
+            gamma = sample_gamma(rng, config.gamma_range)
             np.negative(image[channel], out=image[channel])
             adjust_gamma(image[channel], gamma, config.gamma_retain_stats, out=image[channel])
             np.negative(image[channel], out=image[channel])
     if rng.uniform() < config.p_gamma:
         for channel in range(image.shape[0]):
-            gamma = _sample_gamma(rng, config.gamma_range)
+            gamma = sample_gamma(rng, config.gamma_range)
             adjust_gamma(image[channel], gamma, config.gamma_retain_stats, out=image[channel])
     return image
 
@@ -357,7 +365,8 @@ def standard_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndar
     return torch.randn(shape, generator=generator).numpy()
 
 
-def _sample_gamma(rng: np.random.Generator, gamma_range: tuple[float, float]) -> float:
+def sample_gamma(rng: np.random.Generator, gamma_range: tuple[float, float]) -> float:
+    """A gamma exponent from ``gamma_range``, below 1 (brighter) in half the draws when the range allows (2D and 3D)."""
     # Half the draws darken (gamma < 1 brightens, > 1 darkens): sampling the range uniformly
     # would favour gamma > 1 three to one with the default (0.7, 1.5).
     if gamma_range[0] < 1.0 and rng.uniform() < 0.5:

@@ -147,14 +147,14 @@ def split_patients(patients: list[RsnaPatient], val_fraction: float, seed: int) 
     return train, val
 
 
-def scale_boxes(boxes, source_shape: tuple[int, int], image_size: int) -> list[tuple[float, ...]]:
-    """Boxes from DICOM pixels to the ``image_size`` square the cache holds."""
-    sy, sx = image_size / source_shape[0], image_size / source_shape[1]
+def scale_boxes(boxes, source_shape: tuple[int, int], image_size: tuple[int, int]) -> list[tuple[float, ...]]:
+    """Boxes from DICOM pixels to the ``image_size`` (H, W) the cache holds."""
+    sy, sx = image_size[0] / source_shape[0], image_size[1] / source_shape[1]
     return [(x * sx, y * sy, w * sx, h * sy) for x, y, w, h in boxes]
 
 
-def decode_and_resize(path: Path, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """One DICOM file as an ``(image_size, image_size)`` uint8 image and the file's (rows, columns).
+def decode_and_resize(path: Path, image_size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """One DICOM file as an ``image_size`` (H, W) uint8 image and the file's (rows, columns).
 
     The grey scale is windowed per image from the 0.5th to the 99.5th percentile, which puts 8-bit,
     12-bit and rescaled files on one scale whatever their exposure or bit depth.
@@ -163,33 +163,34 @@ def decode_and_resize(path: Path, image_size: int) -> tuple[np.ndarray, tuple[in
     low, high = np.percentile(pixels, [0.5, 99.5])
     scaled = np.clip((pixels - low) / max(high - low, 1e-6), 0, 1).astype(np.float32)
     # Pillow's resize filters widen with the reduction, so a 1024 -> 224 resize does not alias;
-    # the square output stretches non-square films, and scale_boxes stretches their boxes alike.
-    resized = Image.fromarray(scaled, mode="F").resize((image_size, image_size), Image.BILINEAR)
+    # the output's aspect stretches films of another aspect, and scale_boxes stretches their boxes alike.
+    height, width = image_size
+    resized = Image.fromarray(scaled, mode="F").resize((width, height), Image.BILINEAR)
     return np.round(np.asarray(resized) * 255).clip(0, 255).astype(np.uint8), pixels.shape
 
 
-def cache_images(root: Path, patients: list[RsnaPatient], image_size: int, cache_dir: Path,
+def cache_images(root: Path, patients: list[RsnaPatient], image_size: tuple[int, int], cache_dir: Path,
                  workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Decode every patient's image once into ``<cache_dir>/rsna-<key>/images.npy``.
 
     Returns:
-        (N, image_size, image_size) uint8 memmap in the order of ``patients``, and (N, 2) int source
+        (N, H, W) uint8 memmap of ``image_size`` (H, W) in the order of ``patients``, and (N, 2) int source
         (rows, columns) for ``scale_boxes``. The entry is keyed by the folder, patient ids and image
         size; it is written under a temporary name and renamed, so a crash never leaves a partial cache.
     """
     ids = [p.patient_id for p in patients]
-    key = hashlib.sha256(json.dumps([str(Path(root).resolve()), ids, image_size, CACHE_VERSION]).encode())
+    key = hashlib.sha256(json.dumps([str(Path(root).resolve()), ids, list(image_size), CACHE_VERSION]).encode())
     entry = Path(cache_dir) / f"rsna-{key.hexdigest()[:12]}"
     images_file, shapes_file = entry / "images.npy", entry / "shapes.npy"
     if not shapes_file.is_file():  # shapes.npy is written last
         entry.mkdir(parents=True, exist_ok=True)
         temporary = entry / f".images.{os.getpid()}.npy"
         images = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8,
-                                           shape=(len(ids), image_size, image_size))
+                                           shape=(len(ids), *image_size))
         paths = [image_path(root, i) for i in ids]
         shapes = np.zeros((len(ids), 2), dtype=np.int64)
         with ProcessPoolExecutor(max(workers, 1)) as pool:
-            for i, (image, shape) in enumerate(pool.map(decode_and_resize, paths, [image_size] * len(ids),
+            for i, (image, shape) in enumerate(pool.map(decode_and_resize, paths, [tuple(image_size)] * len(ids),
                                                         chunksize=16)):
                 images[i], shapes[i] = image, shape
         images.flush()

@@ -1,5 +1,8 @@
 """Samplers that decide which samples an epoch draws, in the main process.
 
+`EpochSampler` hands out the `(epoch, index)` keys of `data/patches.py`'s 3D patches, whole batches
+at a time; under DDP each process takes every `num_replicas`-th batch.
+
 `WeightedSliceSampler` draws slices with replacement so that a configured share of them hold
 foreground (a lung tumour fills far under 1% of the voxels and appears in a few percent of the
 slices: drawn uniformly, most batches would hold none). Each epoch's draw comes from
@@ -20,22 +23,30 @@ import numpy as np
 from torch.utils.data import Sampler
 
 
-class _SeededDrawSampler(Sampler):
-    """One draw with replacement per epoch from ``self.probabilities`` (set by the subclass), seeded
-    by (seed, epoch), yielding `(epoch, index, drawn)` keys; replica ``rank`` takes every
-    ``num_replicas``-th key."""
+class _ShardedEpochSampler(Sampler):
+    """An epoch of keys shared among ``num_replicas`` processes (DDP), this one being ``rank``; call
+    `set_epoch` before each epoch, as with `DistributedSampler`."""
 
-    def __init__(self, num_samples: int, seed: int, num_replicas: int, rank: int):
+    def __init__(self, num_replicas: int, rank: int):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in 0..{num_replicas - 1}")
-        self.num_samples = num_samples
-        self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+
+class _SeededDrawSampler(_ShardedEpochSampler):
+    """One draw with replacement per epoch from ``self.probabilities`` (set by the subclass), seeded
+    by (seed, epoch), yielding `(epoch, index, drawn)` keys; replica ``rank`` takes every
+    ``num_replicas``-th key."""
+
+    def __init__(self, num_samples: int, seed: int, num_replicas: int, rank: int):
+        super().__init__(num_replicas, rank)
+        self.num_samples = num_samples
+        self.seed = seed
 
     def __iter__(self):
         epoch = self.epoch
@@ -119,3 +130,47 @@ class WeightedClassSampler(_SeededDrawSampler):
         # Within a class every sample is equally likely.
         per_sample = shares / shares.sum() / counts
         return per_sample[np.searchsorted(classes, self.labels)]
+
+
+class EpochSampler(_ShardedEpochSampler):
+    """Yields this process's keys of an epoch of `steps_per_epoch` batches of `batch_size`
+    patches; call `set_epoch` before each epoch and batch with the same `batch_size`.
+
+    Batch k of the epoch holds the indices k * batch_size ... (k + 1) * batch_size - 1; one process
+    yields them all, `(epoch, 0)` to `(epoch, steps_per_epoch * batch_size - 1)`. With
+    `num_replicas > 1` (DDP) rank r takes the batches r, r + num_replicas, ..., and every rank takes
+    ceil(steps_per_epoch / num_replicas) of them: all ranks step the same number of times on full
+    batches (a rank that ran out first would leave the others waiting in the gradient all-reduce).
+    The rounding up adds at most num_replicas - 1 batches of fresh indices; no index comes twice.
+    It runs in the main process, so a new epoch reaches persistent workers through the keys alone.
+
+    Args:
+        steps_per_epoch: batches per epoch over all processes.
+        batch_size: patches per batch (per process).
+        foreground_per_batch: None lets every patch draw its centre for itself (`PatchDataset`'s
+            `foreground_share`), keys `(epoch, index)`. A number n forces it per batch, as nnU-Net does: keys
+            `(epoch, index, centre_on_foreground)` with the flag set on the last n patches of every
+            batch and clear on the others, which are centred at random.
+        num_replicas, rank: DDP world size and this process's rank.
+    """
+
+    def __init__(self, steps_per_epoch: int, batch_size: int, *, foreground_per_batch: int | None = None,
+                 num_replicas: int = 1, rank: int = 0):
+        super().__init__(num_replicas, rank)
+        if foreground_per_batch is not None and not 0 <= foreground_per_batch <= batch_size:
+            raise ValueError(f"foreground_per_batch must lie in 0..{batch_size}, got {foreground_per_batch}")
+        self.batches_per_replica = math.ceil(steps_per_epoch / num_replicas)
+        self.batch_size = batch_size
+        self.foreground_per_batch = foreground_per_batch
+
+    def __iter__(self):
+        epoch, batch_size = self.epoch, self.batch_size
+        batches = range(self.rank, self.batches_per_replica * self.num_replicas, self.num_replicas)
+        indices = [index for batch in batches for index in range(batch * batch_size, (batch + 1) * batch_size)]
+        if self.foreground_per_batch is None:
+            return iter([(epoch, index) for index in indices])
+        first_forced = batch_size - self.foreground_per_batch
+        return iter([(epoch, index, index % batch_size >= first_forced) for index in indices])
+
+    def __len__(self) -> int:
+        return self.batches_per_replica * self.batch_size

@@ -52,8 +52,10 @@ class SliceDataset(Dataset):
         fit: "resize" (the whole slice, aspect kept) or "crop" (a full-resolution window).
         augment: augmentation config; `Augment2DConfig.none()` for plain fitting.
         seed: base seed of every sample's generator.
-        foreground_crop_prob: fit "crop" only: chance of centring the window on a foreground pixel of
+        crop_foreground_share: fit "crop" only: chance of centring the window on a foreground pixel of
             the slice (otherwise a window inside the slice), so small lesions near the border are seen.
+            Not the recipes' ``foreground_share``: that one (`WeightedSliceSampler`) picks which slices
+            are drawn; this one places the window within a drawn slice.
 
     Attributes:
         slices: `(N, 2)` int64 (position in case_ids, slice index).
@@ -63,7 +65,7 @@ class SliceDataset(Dataset):
     """
 
     def __init__(self, cache_dir: Path, case_ids: list[str], axis: int, image_size: tuple[int, int], fit: str,
-                 augment: Augment2DConfig, seed: int, foreground_crop_prob: float = 0.5):
+                 augment: Augment2DConfig, seed: int, crop_foreground_share: float = 0.5):
         self.cache_dir = Path(cache_dir)
         self.case_ids = list(case_ids)
         self.axis = axis
@@ -71,7 +73,7 @@ class SliceDataset(Dataset):
         self.fit = fit
         self.augment = augment
         self.seed = seed
-        self.foreground_crop_prob = foreground_crop_prob
+        self.crop_foreground_share = crop_foreground_share
         self._open_cases: dict[str, PreprocessedCase] = {}  # per process; filled on first use
         slices, has_foreground = [], []
         for position, case_id in enumerate(self.case_ids):
@@ -108,7 +110,7 @@ class SliceDataset(Dataset):
         center = None
         if self.fit == "crop":
             foreground = {1: np.argwhere(label > 0)}
-            middle = sample_patch_center(rng, label.shape, foreground, self.foreground_crop_prob, self.image_size)
+            middle = sample_patch_center(rng, label.shape, foreground, self.crop_foreground_share, self.image_size)
             # The window starts at middle - size // 2, so unaugmented windows fall on whole pixels.
             center = tuple(m - size // 2 + (size - 1) / 2 for m, size in zip(middle, self.image_size))
         params = sample_spatial_transform_2d(rng, self.image_size, self.augment)

@@ -7,6 +7,9 @@ line is the same sentence.
 Precedence, lowest first: the dataclass defaults, a profile of overrides chosen by the recipe (e.g. a
 CPU-sized recipe for the synthetic data), a saved ``config.json`` (``--config``) or the config stored in a
 checkpoint (``--resume``), and last the flags given explicitly on the command line.
+
+Settings renamed since a run was saved keep loading: ``RENAMED`` maps each old field name to its new
+one, for a saved ``config.json``, a checkpoint's config and the old spelling of a flag alike.
 """
 
 import argparse
@@ -16,6 +19,35 @@ import json
 import re
 import typing
 from pathlib import Path
+
+# Old config field -> its name now. Runs saved before a rename (config.json, the "config" of every
+# checkpoint) and commands written with the old flag (--fg-prob) read as the new name.
+RENAMED = {
+    "patch": "patch_size",
+    "fg_prob": "foreground_share",
+    "fg_sampling": "foreground_sampling",
+    "keep_largest": "keep_largest_component",  # train_liver3d.py
+    "largest_component": "keep_largest_component",  # train_atrium.py, train_lung.py
+}
+
+
+def rename_old_keys(values: dict) -> dict:
+    """A saved config dict with each old field name of ``RENAMED`` replaced by the current one."""
+    return {RENAMED.get(key, key): value for key, value in values.items()}
+
+
+def rename_old_flags(argv: list[str]) -> list[str]:
+    """``--fg-prob 0.5`` -> ``--foreground-share 0.5`` (also ``--fg-prob=0.5``) for every old name of
+    ``RENAMED``; other arguments are returned unchanged."""
+    renamed = []
+    for argument in argv:
+        flag, equals, value = argument.partition("=")
+        old = flag[2:].replace("-", "_") if flag.startswith("--") else None
+        if old in RENAMED:
+            argument = "--" + RENAMED[old].replace("_", "-") + equals + value
+        renamed.append(argument)
+    return renamed
+
 
 _FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
 
@@ -145,21 +177,21 @@ def parse_config(config_class: type, argv: list[str], description: str, syntheti
     given; a saved ``--config`` file, or the config inside the ``--resume`` checkpoint; the settings of
     a ``--recipe`` given on the command line (``recipes[name]``; the dataclass defaults of the same
     fields for a name ``recipes`` does not hold, e.g. ``default``); the other flags given explicitly. A
-    single number for a tuple field whose default has several (``--image-size 256``) is repeated to
-    that length.
+    single number for a tuple field whose default has several (``--image-size 256``, or a saved
+    ``"image_size": 256``) is repeated to that length.
     """
     parser = build_parser(config_class, description)
     parser.add_argument("--config", help="start from a saved RUN/config.json; explicit flags override it")
     parser.add_argument("--resume", help="continue from RUN/last.pt with its config; explicit flags "
                                          "(e.g. --epochs) override it")
-    flags = vars(parser.parse_args(argv))
+    flags = vars(parser.parse_args(rename_old_flags(argv)))
     config_file, resume = flags.pop("config", None), flags.pop("resume", None)
     if resume:
         from engine.checkpoint import load_checkpoint  # checkpoints need torch; configs do not
 
-        values = load_checkpoint(resume)["config"]
+        values = rename_old_keys(load_checkpoint(resume)["config"])
     elif config_file:
-        values = read_config_file(config_file)
+        values = rename_old_keys(read_config_file(config_file))
     else:
         values = dict(synthetic_profile) if flags.get("data_dir") is None else {}
     defaults = {field.name: field.default for field in dataclasses.fields(config_class)}
@@ -168,6 +200,8 @@ def parse_config(config_class: type, argv: list[str], description: str, syntheti
     values.update(flags)
     for name, value in values.items():
         default = defaults.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and isinstance(default, tuple):
+            value = values[name] = (value,)  # a size saved as one int (train_pneumonia.py's image_size once was)
         if isinstance(value, (tuple, list)) and len(value) == 1 and isinstance(default, tuple) and len(default) > 1:
             values[name] = tuple(value) * len(default)
     return config_from_dict(config_class, values), resume

@@ -1,6 +1,6 @@
 """Several processes training one model with PyTorch's DistributedDataParallel, launched by torchrun.
 
-    torchrun --nproc-per-node 4 train_liver3d.py --data-dir /data/Task03_Liver --patch 128 --amp
+    torchrun --nproc-per-node 4 train_liver3d.py --data-dir /data/Task03_Liver --patch-size 128 --amp
     torchrun --nproc-per-node 2 train_liver3d.py --device cpu        # gloo on the CPU, e.g. to test
 
 torchrun starts one process per GPU and sets RANK, LOCAL_RANK and WORLD_SIZE; without it the

@@ -1,11 +1,11 @@
 """Sliding-window inference: predict a whole volume (or image) with a network trained on patches.
 
-Windows of `roi_size` tile the volume with overlap; each window's probabilities are weighted by a
+Windows of `patch_size` tile the volume with overlap; each window's probabilities are weighted by a
 Gaussian importance map (the network sees less context near a window's border, so it is less reliable
 there) and averaged. Works for 2D (C, H, W) and 3D (C, D, H, W) inputs.
 
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        probabilities = sliding_window_inference(image, model, roi_size=(96, 96, 96), num_classes=3,
+        probabilities = sliding_window_inference(image, model, patch_size=(96, 96, 96), num_classes=3,
                                                  device=device, batch_size=4)  # (3, D, H, W)
     segmentation = probabilities.argmax(0)
 
@@ -22,19 +22,19 @@ import numpy as np
 import torch
 
 
-def gaussian_importance_map(roi_size: Sequence[int], sigma_scale: float = 1 / 8) -> torch.Tensor:
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1 / 8) -> torch.Tensor:
     """Separable Gaussian centred on the window, maximum 1, as nnU-Net.
 
     Args:
-        roi_size: window size (*roi).
+        patch_size: window size (*patch_size).
         sigma_scale: standard deviation as a fraction of the window size along each axis.
 
     Returns:
-        float32 (*roi), symmetric under flips, clamped to at least 1e-6 so every voxel a window
+        float32 (*patch_size), symmetric under flips, clamped to at least 1e-6 so every voxel a window
         covers gets a positive weight (no division by zero where only window corners reach).
     """
     importance = torch.ones((), dtype=torch.float64)
-    for size in roi_size:
+    for size in patch_size:
         coordinates = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
         sigma = size * sigma_scale
         importance = importance.unsqueeze(-1) * torch.exp(-(coordinates**2) / (2 * sigma**2))
@@ -42,24 +42,24 @@ def gaussian_importance_map(roi_size: Sequence[int], sigma_scale: float = 1 / 8)
     return importance.float().clamp_min(1e-6)
 
 
-def window_starts(size: int, roi: int, overlap: float) -> list[int]:
-    """Starts of windows of length roi covering [0, size), stepping roi * (1 - overlap), the last
+def window_starts(size: int, length: int, overlap: float) -> list[int]:
+    """Starts of windows of `length` covering [0, size), stepping length * (1 - overlap), the last
     window aligned to the end."""
-    step = max(1, int(roi * (1 - overlap)))
-    starts = list(range(0, size - roi + 1, step))
-    if starts[-1] != size - roi:
-        starts.append(size - roi)
+    step = max(1, int(length * (1 - overlap)))
+    starts = list(range(0, size - length + 1, step))
+    if starts[-1] != size - length:
+        starts.append(size - length)
     return starts
 
 
-def pad_to_roi(image: torch.Tensor, roi_size: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """Pad the spatial dims of image (C, *spatial) up to roi_size, evenly on both sides, with each
+def pad_to_patch(image: torch.Tensor, patch_size: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Pad the spatial dims of image (C, *spatial) up to patch_size, evenly on both sides, with each
     channel's minimum (the background intensity after normalisation, not an artificial 0).
 
     Returns the padded image and the slices (*spatial) that cut the original region back out.
     """
     spatial = image.shape[1:]
-    padded_shape = [max(size, roi) for size, roi in zip(spatial, roi_size)]
+    padded_shape = [max(size, patch) for size, patch in zip(spatial, patch_size)]
     if list(spatial) == padded_shape:
         return image, tuple(slice(0, size) for size in spatial)
     channel_minimum = image.flatten(1).amin(dim=1)
@@ -70,10 +70,10 @@ def pad_to_roi(image: torch.Tensor, roi_size: Sequence[int]) -> tuple[torch.Tens
     return padded, region
 
 
-def predict_probabilities(
+def average_over_flips(
     predict: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, num_classes: int, mirror_axes: Sequence[int]
 ) -> torch.Tensor:
-    """Mean float32 probabilities (B, K, *roi) of `predict` over every combination of flips of
+    """Mean float32 probabilities (B, K, *patch_size) of `predict` over every combination of flips of
     mirror_axes (spatial axis indices), each prediction flipped back before averaging."""
     flip_sets = [
         flips for count in range(len(mirror_axes) + 1) for flips in itertools.combinations(mirror_axes, count)
@@ -107,7 +107,7 @@ def trained_flips(augment: Mapping, spatial_dims: int) -> tuple[int, ...]:
     return tuple(augment.get(axes, ())) if augment.get(chance, 0) > 0 else ()
 
 
-def default_window_batch_size(device: torch.device, roi_size: Sequence[int]) -> int:
+def default_window_batch_size(device: torch.device, patch_size: Sequence[int]) -> int:
     """Windows per forward pass when none is chosen.
 
     On a GPU about 2^23 voxels per forward (4 windows of 128^3, 9 of 96^3, at most 32): enough work per
@@ -117,7 +117,7 @@ def default_window_batch_size(device: torch.device, roi_size: Sequence[int]) -> 
     """
     if device.type != "cuda":
         return 2
-    return max(1, min(32, 2**23 // math.prod(roi_size)))
+    return max(1, min(32, 2**23 // math.prod(patch_size)))
 
 
 def available_memory(device: torch.device) -> int:
@@ -176,7 +176,7 @@ def sliding_window_inference(
     image: torch.Tensor | np.ndarray,
     predict: Callable[[torch.Tensor], torch.Tensor],
     *,
-    roi_size: Sequence[int],
+    patch_size: Sequence[int],
     num_classes: int,
     overlap: float = 0.5,
     batch_size: int = 2,
@@ -195,9 +195,9 @@ def sliding_window_inference(
 
     Args:
         image: (C, *spatial) float tensor or array (a memory-mapped array is read once).
-        predict: maps a batch (B, C, *roi_size) on `device` to logits (B, num_classes, *roi_size),
+        predict: maps a batch (B, C, *patch_size) on `device` to logits (B, num_classes, *patch_size),
             typically the model in eval mode.
-        roi_size: window size, one entry per spatial dim; images smaller than it are padded with each
+        patch_size: window size, one entry per spatial dim; images smaller than it are padded with each
             channel's minimum and the result cropped back.
         num_classes: K, the logit channels; K = 1 means one sigmoid logit.
         overlap: fraction of a window shared with the next one along each axis, in [0, 1).
@@ -218,14 +218,14 @@ def sliding_window_inference(
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if len(roi_size) != image.ndim - 1:
-        raise ValueError(f"roi_size {tuple(roi_size)} does not match image spatial shape {tuple(image.shape[1:])}")
+    if len(patch_size) != image.ndim - 1:
+        raise ValueError(f"patch_size {tuple(patch_size)} does not match image spatial shape {tuple(image.shape[1:])}")
     source_device = image.device if isinstance(image, torch.Tensor) else torch.device("cpu")
     device = torch.device(device) if device is not None else source_device
     if image_device is None or accumulate_device is None:
         on_device = (True, True)
         if device.type == "cuda":
-            voxels = math.prod(max(size, roi) for size, roi in zip(image.shape[1:], roi_size))
+            voxels = math.prod(max(size, patch) for size, patch in zip(image.shape[1:], patch_size))
             on_device = place_buffers(image_bytes=4 * image.shape[0] * voxels,
                                       accumulator_bytes=4 * (num_classes + 1) * voxels,
                                       available_bytes=available_memory(device))
@@ -237,19 +237,19 @@ def sliding_window_inference(
     with torch.inference_mode():
         image = _host_tensor(image, pin=image_device.type == "cuda" and source_device.type == "cpu")
         image = copy_to_device(image, image_device)
-        padded, region = pad_to_roi(image, roi_size)
+        padded, region = pad_to_patch(image, patch_size)
         del image  # only the padded image is read from here on; a large unpadded copy is freed now
         spatial = padded.shape[1:]
         if gaussian:
-            weight = gaussian_importance_map(roi_size).to(accumulate_device)
+            weight = gaussian_importance_map(patch_size).to(accumulate_device)
         else:
-            weight = torch.ones(tuple(roi_size), device=accumulate_device)
+            weight = torch.ones(tuple(patch_size), device=accumulate_device)
         probability_sum = torch.zeros((num_classes, *spatial), dtype=torch.float32, device=accumulate_device)
         weight_sum = torch.zeros(tuple(spatial), dtype=torch.float32, device=accumulate_device)
 
-        starts_per_axis = [window_starts(size, roi, overlap) for size, roi in zip(spatial, roi_size)]
+        starts_per_axis = [window_starts(size, patch, overlap) for size, patch in zip(spatial, patch_size)]
         windows = [
-            tuple(slice(start, start + roi) for start, roi in zip(starts, roi_size))
+            tuple(slice(start, start + patch) for start, patch in zip(starts, patch_size))
             for starts in itertools.product(*starts_per_axis)
         ]
         # Host windows for CUDA are stacked straight into pinned memory, so the copy does not block.
@@ -260,7 +260,7 @@ def sliding_window_inference(
             batch = torch.empty((len(crops), *crops[0].shape), dtype=padded.dtype, device=padded.device,
                                 pin_memory=pin)
             torch.stack(crops, out=batch)
-            probabilities = predict_probabilities(predict, copy_to_device(batch, device), num_classes, mirror_axes)
+            probabilities = average_over_flips(predict, copy_to_device(batch, device), num_classes, mirror_axes)
             probabilities = probabilities.to(accumulate_device)
             for window, window_probabilities in zip(batch_windows, probabilities):
                 probability_sum[(slice(None), *window)] += window_probabilities * weight

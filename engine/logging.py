@@ -1,4 +1,4 @@
-"""What a run reports: console lines, a JSON-lines log, TensorBoard scalars and image overlays.
+"""What a run reports: console lines, a JSON-lines log, TensorBoard scalars and images.
 
 Console messages go through ``tqdm.write`` so they never tear a progress bar. The JSON-lines log
 (``log.jsonl``, one object per epoch) is the machine-readable record; TensorBoard is for looking.
@@ -56,37 +56,3 @@ class RunLogger:
         if self.active:
             self.writer.close()
             self.log_file.close()
-
-
-def overlay_slice(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray) -> np.ndarray:
-    """An RGB picture of one 2D slice: the image in grey, reference outlines in green, prediction
-    outlines in red (class boundaries of either label map).
-
-    Args:
-        image: (H, W) intensities, any range.
-        reference, prediction: (H, W) integer label maps.
-    Returns:
-        (H, W, 3) uint8.
-    """
-    low, high = np.percentile(image, [1, 99])
-    grey = np.clip((image - low) / max(high - low, 1e-6), 0, 1)
-    rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
-    rgb[_outline(reference)] = (0, 255, 0)
-    rgb[_outline(prediction)] = (255, 0, 0)
-    return rgb
-
-
-def _outline(labels: np.ndarray) -> np.ndarray:
-    """Pixels whose 4-neighbourhood holds another class, restricted to foreground."""
-    edge = np.zeros(labels.shape, dtype=bool)
-    edge[1:, :] |= labels[1:, :] != labels[:-1, :]
-    edge[:-1, :] |= labels[1:, :] != labels[:-1, :]
-    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-    edge[:, :-1] |= labels[:, 1:] != labels[:, :-1]
-    return edge & (labels > 0)
-
-
-def foreground_slice_index(labels: np.ndarray) -> int:
-    """The axial index (axis 0) with the most foreground, or the middle slice if there is none."""
-    counts = (labels > 0).reshape(labels.shape[0], -1).sum(axis=1)
-    return int(counts.argmax()) if counts.any() else labels.shape[0] // 2

@@ -1,4 +1,4 @@
-"""Segmentation metrics on label maps (class indices)."""
+"""Segmentation metrics on label maps (class indices), and the flat keys they are reported under."""
 
 import numpy as np
 import torch
@@ -51,3 +51,23 @@ def to_numpy(labels: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(labels, torch.Tensor):
         return labels.detach().cpu().numpy()
     return np.asarray(labels)
+
+
+def metric_key(label_name: str, metric: str = "dice") -> str:
+    """``<metric>_<label>`` (e.g. ``dice_liver``, ``hd95_liver``) with the label in lower case and
+    spaces as underscores."""
+    return f"{metric}_" + label_name.strip().lower().replace(" ", "_")
+
+
+def surface_scores(surface_mean: dict[int, dict[str, float]], labels: dict[int, str]) -> dict[str, float]:
+    """Flat ``hd95_<label>`` (mm) and ``nsd_<label>`` keys from ``evaluate(...)["surface_mean"]``."""
+    return {metric_key(labels[k], name): values[key] for k, values in surface_mean.items()
+            for name, key in (("hd95", "hd95_mm"), ("nsd", "nsd"))}
+
+
+def slice_averaged_dice(prediction: np.ndarray, reference: np.ndarray, axis: int, num_classes: int) -> dict[int, float]:
+    """Mean over the slices along `axis` of each slice's 2D Dice per foreground class (empty slices
+    left empty score 1, as in `dice_per_class`)."""
+    scores = [dice_per_class(np.take(prediction, index, axis=axis), np.take(reference, index, axis=axis), num_classes)
+              for index in range(prediction.shape[axis])]
+    return {k: float(np.mean([score[k] for score in scores])) for k in scores[0]}

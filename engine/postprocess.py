@@ -17,3 +17,18 @@ def keep_largest_foreground(label_map: np.ndarray) -> np.ndarray:
         return label_map
     sizes = np.bincount(components.ravel())[1:]
     return np.where(components == np.argmax(sizes) + 1, label_map, 0).astype(label_map.dtype)
+
+
+def keep_largest_component_per_class(label_map: np.ndarray, num_classes: int) -> np.ndarray:
+    """Keep, per foreground class, only its largest 3D connected component (26-connectivity).
+
+    For one organ (the left atrium) stray islands are false positives; do not use it for findings
+    that come several per patient (lung nodules).
+    """
+    result = np.array(label_map, copy=True)
+    for k in range(1, max(num_classes, 2)):
+        components, count = ndimage.label(label_map == k, structure=np.ones((3, 3, 3)))
+        if count > 1:
+            sizes = np.bincount(components.ravel())[1:]
+            result[(components > 0) & (components != np.argmax(sizes) + 1)] = 0
+    return result

@@ -4,7 +4,7 @@
 import json
 from pathlib import Path
 
-from engine.runtime import metric_key
+from engine.metrics import metric_key
 
 
 def write_metrics(validation: dict, labels: dict[int, str], out: Path) -> None:

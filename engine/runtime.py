@@ -79,18 +79,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def metric_key(label_name: str, metric: str = "dice") -> str:
-    """``<metric>_<label>`` (e.g. ``dice_liver``, ``hd95_liver``) with the label in lower case and
-    spaces as underscores."""
-    return f"{metric}_" + label_name.strip().lower().replace(" ", "_")
-
-
-def surface_scores(surface_mean: dict[int, dict[str, float]], labels: dict[int, str]) -> dict[str, float]:
-    """Flat ``hd95_<label>`` (mm) and ``nsd_<label>`` keys from ``evaluate(...)["surface_mean"]``."""
-    return {metric_key(labels[k], name): values[key] for k, values in surface_mean.items()
-            for name, key in (("hd95", "hd95_mm"), ("nsd", "nsd"))}
-
-
 def start_run(config, resume: str | None) -> tuple[Path, torch.device, torch.dtype | None, int, RunLogger]:
     """Open the run folder ``config.out`` and set up the process for a recipe: the torchrun process
     group when launched by torchrun, device, AMP dtype, DataLoader workers, seeds and backend flags,

@@ -1,36 +1,19 @@
-"""Volume-level evaluation of a 2D model: predict every slice, stack, score the volume in 3D.
-
-A 2D network is judged on what a clinician would use, the stacked 3D segmentation: Dice is computed
-per case on the whole volume (`engine/metrics.py`'s convention: a class absent from reference and
-prediction scores 1, so no NaN). The slice-averaged Dice (the mean over every slice of its 2D Dice,
-empty slices included) is reported beside it and labelled as such: it is higher wherever most slices
-are empty and correctly left empty, so it must not be compared with 3D figures.
+"""Prediction of a 2D model over a volume: every slice along an axis predicted, the label maps stacked.
 
 Slices are fitted to the network exactly as in training (`data/augment2d.py`'s coordinate map):
 "resize" resamples the whole slice to the network's size and the probabilities back to the slice's
-grid; "crop" tiles the full-resolution slice with a sliding window.
-
-`validate_volumes` is the validation of the 2D recipes (`train_atrium.py`, `train_lung.py`) over the
-cached validation cases: flat scores logged, montages drawn, predictions written in source geometry.
+grid; "crop" tiles the full-resolution slice with a sliding window. The stacked volume is scored by
+`engine/evaluate.py`'s `evaluate_slicewise`.
 """
 
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from scipy import ndimage
-from tqdm import tqdm
 
 from data.augment2d import SpatialTransform2D, fit_scale, make_coordinate_map_2d
-from data.preprocess import load_preprocessed_case, save_prediction
 from engine.inference import copy_to_device, sliding_window_inference
-from engine.logging import RunLogger, overlay_slice
-from engine.metrics import dice_per_class
-from engine.runtime import metric_key, surface_scores
-from engine.surface_metrics import mean_surface_metrics, surface_metrics_per_class
 
 
 def _normalised_grid(coordinates: np.ndarray, input_size: tuple[int, int]) -> torch.Tensor:
@@ -92,7 +75,7 @@ def predict_volume_slicewise(model, image: np.ndarray, *, axis: int, image_size:
         if fit == "resize":
             probabilities = _resize_probabilities(predict, slices, image_size, num_classes, fill)
         else:
-            probabilities = torch.stack([sliding_window_inference(one, predict, roi_size=image_size,
+            probabilities = torch.stack([sliding_window_inference(one, predict, patch_size=image_size,
                                                                   num_classes=num_classes, overlap=0.25,
                                                                   batch_size=batch_size)
                                          for one in slices])
@@ -101,158 +84,3 @@ def predict_volume_slicewise(model, image: np.ndarray, *, axis: int, image_size:
         else:
             predicted.append(probabilities.argmax(1).to(torch.uint8).cpu())
     return np.moveaxis(torch.cat(predicted).numpy(), 0, axis)
-
-
-def keep_largest_component(label_map: np.ndarray, num_classes: int) -> np.ndarray:
-    """Keep, per foreground class, only its largest 3D connected component (26-connectivity).
-
-    For one organ (the left atrium) stray islands are false positives; do not use it for findings
-    that come several per patient (lung nodules).
-    """
-    result = np.array(label_map, copy=True)
-    for k in range(1, max(num_classes, 2)):
-        components, count = ndimage.label(label_map == k, structure=np.ones((3, 3, 3)))
-        if count > 1:
-            sizes = np.bincount(components.ravel())[1:]
-            result[(components > 0) & (components != np.argmax(sizes) + 1)] = 0
-    return result
-
-
-def slice_averaged_dice(prediction: np.ndarray, reference: np.ndarray, axis: int, num_classes: int) -> dict[int, float]:
-    """Mean over the slices along `axis` of each slice's 2D Dice per foreground class (empty slices
-    left empty score 1, as in `dice_per_class`)."""
-    scores = [dice_per_class(np.take(prediction, index, axis=axis), np.take(reference, index, axis=axis), num_classes)
-              for index in range(prediction.shape[axis])]
-    return {k: float(np.mean([score[k] for score in scores])) for k in scores[0]}
-
-
-@torch.inference_mode()
-def evaluate_slicewise(model, cases: Iterable[tuple[str, np.ndarray, np.ndarray]], *, num_classes: int, axis: int,
-                       image_size: tuple[int, int], fit: str, device: torch.device,
-                       amp_dtype: torch.dtype | None, largest_component: bool = False, batch_size: int = 16,
-                       on_prediction: Callable | None = None, spacing: Sequence[float] | None = None,
-                       tolerance_mm: float = 2.0, progress: bool = True) -> dict:
-    """Predict every validation case slice by slice and score the stacked volumes.
-
-    Args:
-        cases: (case_id, image (C, Z, Y, X), label (Z, Y, X)) on the preprocessed grid.
-        num_classes: model outputs (1 = one sigmoid logit for a binary task).
-        largest_component: post-process with `keep_largest_component`.
-        on_prediction: called as ``on_prediction(case_id, image, label, prediction)``.
-        spacing: voxel size (z, y, x) in mm; given, the stacked volumes are also scored with HD95,
-            normalised surface Dice at ``tolerance_mm`` and volumes (`engine/surface_metrics.py`).
-
-    Returns:
-        ``{"per_case": {case_id: {class: 3D dice}}, "mean": {class: mean 3D dice},
-        "per_case_slice_averaged": {case_id: {class: slice-averaged dice}},
-        "slice_averaged": {class: its mean over cases}}``, with ``spacing`` also
-        ``"surface_per_case"`` and ``"surface_mean"`` as in `engine.evaluate.evaluate`.
-    """
-    model.eval()
-    label_classes = max(num_classes, 2)
-    per_case, slice_averaged, surface = {}, {}, {}
-    for case_id, image, label in tqdm(list(cases), desc="validate", leave=False, disable=not progress):
-        prediction = predict_volume_slicewise(model, image, axis=axis, image_size=image_size, fit=fit,
-                                              num_classes=num_classes, device=device, amp_dtype=amp_dtype,
-                                              batch_size=batch_size)
-        if largest_component:
-            prediction = keep_largest_component(prediction, label_classes)
-        label = np.asarray(label)
-        per_case[case_id] = dice_per_class(prediction, label, label_classes)
-        slice_averaged[case_id] = slice_averaged_dice(prediction, label, axis, label_classes)
-        if spacing is not None:
-            surface[case_id] = surface_metrics_per_class(prediction, label, label_classes, spacing, tolerance_mm)
-        if on_prediction is not None:
-            on_prediction(case_id, image, label, prediction)
-    classes = sorted(next(iter(per_case.values())))
-    results = {
-        "per_case": per_case,
-        "mean": {k: float(np.mean([scores[k] for scores in per_case.values()])) for k in classes},
-        "per_case_slice_averaged": slice_averaged,
-        "slice_averaged": {k: float(np.mean([scores[k] for scores in slice_averaged.values()])) for k in classes},
-    }
-    if spacing is not None:
-        results.update(surface_per_case=surface, surface_mean=mean_surface_metrics(surface))
-    return results
-
-
-def validate_volumes(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], outputs: int, axis: int,
-                     image_size: tuple[int, int], fit: str, largest_component: bool, spacing: tuple[float, ...],
-                     tolerance_mm: float, device: torch.device, amp_dtype: torch.dtype | None,
-                     logger: RunLogger, epoch: int, save_dir: Path | None = None) -> dict:
-    """Volume-level validation: every slice predicted, stacked, 3D Dice, HD95 and normalised surface
-    Dice (at ``tolerance_mm``, on the grid of ``spacing`` mm) per case and class.
-
-    The first case's montage goes to TensorBoard; with `save_dir`, every prediction is written as
-    NIfTI in its source geometry (it overlays the original scan in ITK-SNAP or 3D Slicer) and as a
-    PNG montage.
-
-    Returns:
-        ``{"scores": flat metrics, "per_case": {case: {class: dice}}, "per_case_slice_averaged": ...}``;
-        scores hold ``dice`` (mean 3D Dice of the foreground over cases; the mean over foreground
-        classes when there are several), ``dice_<label>``, ``dice_mean``, ``slice_averaged_dice``
-        (mean over slices, empty slices included: not a 3D figure), ``hd95_<label>`` (mm) and
-        ``nsd_<label>``.
-    """
-    def on_prediction(case_id, image, label, prediction):
-        if case_id == val_ids[0] or save_dir is not None:
-            picture = montage(image, label, prediction, axis)
-            if case_id == val_ids[0]:
-                logger.image(f"val/{case_id}", picture, epoch)
-            if save_dir is not None:
-                save_montage(picture, save_dir / f"{case_id}.png")
-                save_prediction(prediction, load_preprocessed_case(entry, case_id).properties,
-                                save_dir / f"{case_id}.nii.gz")
-
-    if save_dir is not None:
-        save_dir.mkdir(parents=True, exist_ok=True)
-    cases = ((case_id, np.asarray(case.image), np.asarray(case.label)) for case_id in val_ids
-             for case in [load_preprocessed_case(entry, case_id)])
-    results = evaluate_slicewise(model, cases, num_classes=outputs, axis=axis, image_size=image_size, fit=fit,
-                                 device=device, amp_dtype=amp_dtype, largest_component=largest_component,
-                                 on_prediction=on_prediction, spacing=spacing, tolerance_mm=tolerance_mm)
-    per_class = {metric_key(labels[k]): v for k, v in results["mean"].items()}
-    scores = {"dice": float(np.mean(list(per_class.values()))), **per_class,
-              "dice_mean": float(np.mean(list(per_class.values()))),
-              "slice_averaged_dice": float(np.mean(list(results["slice_averaged"].values()))),
-              **surface_scores(results["surface_mean"], labels)}
-    logger.scalars(scores, epoch, prefix="val/")
-    logger.info("validation (3D Dice per case, mean): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-    return {"scores": scores, "per_case": results["per_case"],
-            "per_case_slice_averaged": results["per_case_slice_averaged"],
-            "surface_per_case": results["surface_per_case"]}
-
-
-def montage(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, axis: int, num_slices: int = 8,
-            columns: int = 4) -> np.ndarray:
-    """Slices of a case side by side: image in grey, reference outlines green, prediction red.
-
-    Slices are spread evenly over those holding reference or predicted foreground (over the whole
-    volume when there is none), so the picture shows where the model is right and wrong.
-
-    Args:
-        image: (C, Z, Y, X); the first channel is drawn.
-        label, prediction: (Z, Y, X) label maps.
-
-    Returns:
-        (rows * H, columns * W, 3) uint8.
-    """
-    occupied = np.flatnonzero(np.logical_or(label > 0, prediction > 0).any(
-        axis=tuple(a for a in range(3) if a != axis)))
-    candidates = occupied if len(occupied) else np.arange(label.shape[axis])
-    chosen = candidates[np.unique(np.linspace(0, len(candidates) - 1, num_slices).round().astype(int))]
-    tiles = [overlay_slice(np.take(image[0], index, axis=axis), np.take(label, index, axis=axis),
-                           np.take(prediction, index, axis=axis)) for index in chosen]
-    columns = min(columns, len(tiles))
-    rows = -(-len(tiles) // columns)
-    height, width = tiles[0].shape[:2]
-    canvas = np.zeros((rows * height, columns * width, 3), dtype=np.uint8)
-    for number, tile in enumerate(tiles):
-        row, column = divmod(number, columns)
-        canvas[row * height:(row + 1) * height, column * width:(column + 1) * width] = tile
-    return canvas
-
-
-def save_montage(picture: np.ndarray, path: str | Path) -> None:
-    """Write an (H, W, 3) uint8 picture as PNG."""
-    Image.fromarray(picture).save(path)

@@ -107,7 +107,7 @@ def resolve_topology(spacing: Sequence[float], patch: Sequence[int], *, depth: i
     """The topology with whatever was given explicitly, the rest planned by `plan_topology`.
 
     Several `strides` (`kernel_sizes`) fix the depth at their number + 1 (their number); a single one
-    is repeated for every downsampling (level), like `--patch 128` for every axis.
+    is repeated for every downsampling (level), like `--patch-size 128` for every axis.
     """
     fixed_depth = depth
     for name, values, levels_more in (("strides", strides, 1), ("kernel_sizes", kernel_sizes, 0)):

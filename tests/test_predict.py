@@ -20,7 +20,7 @@ from data.synthetic.msd_layout import write_msd_dataset, write_nifti
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from models import UNet
 
-LIVER = ["--synthetic-matrix", "24", "--synthetic-cases", "4", "--val-fraction", "0.25", "--patch", "16,24,24",
+LIVER = ["--synthetic-matrix", "24", "--synthetic-cases", "4", "--val-fraction", "0.25", "--patch-size", "16,24,24",
          "--batch-size", "2", "--base-channels", "4", "--depth", "3", "--steps-per-epoch", "2", "--epochs", "1",
          "--workers", "0", "--tta", "false"]
 ATRIUM = ["--synthetic-matrix", "24", "--synthetic-cases", "4", "--val-fraction", "0.25", "--image-size", "24",
@@ -115,7 +115,7 @@ def test_liver3d_mask_keeps_the_oblique_source_geometry(liver_checkpoint, cache_
     # A name ending in four digits (a year, a patient number) is the case's name, not a channel suffix.
     scan = oblique_scan(cache_dir, "LiverPhantom", np.s_[:23, 1:22, 3:36], affine, tmp_path / "in" / "ct_2023.nii.gz")
     rows = predict.main(["--checkpoint", str(liver_checkpoint), "--input", str(scan), "--output",
-                         str(tmp_path / "out"), "--tta", "--keep-largest", "--device", "cpu"])
+                         str(tmp_path / "out"), "--tta", "--keep-largest-component", "--device", "cpu"])
     assert [row["case"] for row in rows] == ["ct_2023"]
     mask = assert_same_geometry(tmp_path / "out" / "ct_2023.nii.gz", scan)
     assert set(np.unique(mask)) <= labels_of(liver_checkpoint)
@@ -133,7 +133,7 @@ def test_2d_mask_keeps_the_source_geometry_and_skips_other_files(atrium_checkpoi
     (folder / "._heart_3.nii.gz").write_bytes(b"macOS resource fork")
     (folder / "notes.txt").write_text("not an image")
     rows = predict.main(["--checkpoint", str(atrium_checkpoint), "--input", str(folder), "--output",
-                         str(tmp_path / "out"), "--keep-largest"])
+                         str(tmp_path / "out"), "--keep-largest-component"])
     assert [row["case"] for row in rows] == ["heart_3", "heart_4"]
     for case, source in (("heart_3", "heart_3.nii.gz"), ("heart_4", "heart_4.nii")):
         mask = assert_same_geometry(tmp_path / "out" / source, folder / source)  # the input's own file name
@@ -180,6 +180,32 @@ def test_pneumonia_folder_gives_probabilities_decisions_and_cams(pneumonia_check
         assert 0 <= float(row["probability"]) <= 1
         assert int(row["decision"]) == int(float(row["probability"]) >= threshold)
         assert (tmp_path / "out" / "cam" / row["file"].replace(".dcm", ".png")).is_file()
+
+
+def test_checkpoints_saved_under_old_setting_names_predict_as_the_current_ones(liver_checkpoint,
+                                                                              pneumonia_checkpoint, cache_dir,
+                                                                              tmp_path):
+    old_names = {"patch_size": "patch", "foreground_share": "fg_prob", "foreground_sampling": "fg_sampling",
+                 "keep_largest_component": "keep_largest"}
+    state = load_checkpoint(liver_checkpoint)
+    state["config"] = {old_names.get(key, key): value for key, value in state["config"].items()}
+    save_checkpoint(state, tmp_path / "old_liver.pt")
+    scan = oblique_scan(cache_dir, "LiverPhantom", np.s_[:23, 1:22, 3:36], np.diag([-2.0, -2.0, 3.0, 1.0]),
+                        tmp_path / "in" / "ct_1.nii.gz")
+    for name, checkpoint in (("new", liver_checkpoint), ("old", tmp_path / "old_liver.pt")):
+        predict.main(["--checkpoint", str(checkpoint), "--input", str(scan), "--output", str(tmp_path / name),
+                      "--keep-largest-component", "--device", "cpu"])
+    np.testing.assert_array_equal(nib.load(tmp_path / "old" / "ct_1.nii.gz").get_fdata(),
+                                  nib.load(tmp_path / "new" / "ct_1.nii.gz").get_fdata())
+
+    state = load_checkpoint(pneumonia_checkpoint)
+    state["image_size"] = state["image_size"][0]  # one int for the square, as such checkpoints held it
+    save_checkpoint(state, tmp_path / "old_pneumonia.pt")
+    film = sorted((cache_dir / "synthetic").glob("RSNAPhantom*/stage_2_train_images/*.dcm"))[0]
+    rows = {name: predict.main(["--checkpoint", str(checkpoint), "--input", str(film), "--output",
+                                str(tmp_path / f"{name}_films")])
+            for name, checkpoint in (("new", pneumonia_checkpoint), ("old", tmp_path / "old_pneumonia.pt"))}
+    assert rows["old"] == rows["new"]
 
 
 def test_two_checkpoints_average_their_probabilities(liver_checkpoint, cache_dir, tmp_path):
@@ -265,7 +291,7 @@ def test_errors_name_the_file_and_the_fix(liver_checkpoint, atrium_checkpoint, t
         predict.main(["--checkpoint", str(liver_checkpoint), "--input", str(tmp_path / "empty"),
                       "--output", str(tmp_path / "out")])
     state = load_checkpoint(liver_checkpoint)
-    state["config"]["patch"] = (8, 8, 8)
+    state["config"]["patch_size"] = (8, 8, 8)
     save_checkpoint(state, tmp_path / "other_patch.pt")
     with pytest.raises(SystemExit, match="other_patch.pt: patch"):
         predict.main(["--checkpoint", str(liver_checkpoint), "--checkpoint", str(tmp_path / "other_patch.pt"),
@@ -276,8 +302,8 @@ def test_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         predict.main(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--checkpoint", "--input", "--output", "--tta", "--keep-largest", "--window-batch-size", "--device",
-                 "--amp"):
+    for flag in ("--checkpoint", "--input", "--output", "--tta", "--keep-largest-component", "--window-batch-size",
+                 "--device", "--amp"):
         assert flag in text
     assert "python predict.py --checkpoint" in text
 
@@ -326,7 +352,7 @@ def test_a_thick_slice_run_plans_its_network_and_predict_rebuilds_it(tmp_path):
                         "--workers", "0", "--val-fraction", "0.34"])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     # 18 -> 9 -> 5 and 20 -> 10 -> 5 in plane (1.5 -> 3 -> 6 mm); the 5 slices of 6 mm stay.
-    assert config["patch"] == [5, 20, 20] and config["depth"] == 3
+    assert config["patch_size"] == [5, 20, 20] and config["depth"] == 3
     assert config["strides"] == [[1, 2, 2], [1, 2, 2]]
     assert config["kernel_sizes"] == [[1, 3, 3], [1, 3, 3], [3, 3, 3]]
     assert config["augment"]["rotation_in_plane_only"] is True

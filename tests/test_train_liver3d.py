@@ -20,7 +20,7 @@ from engine.checkpoint import load_checkpoint, save_checkpoint
 from models import UNet
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--synthetic-matrix", "24", "--synthetic-cases", "5", "--patch", "16,24,24", "--batch-size", "2",
+TINY = ["--synthetic-matrix", "24", "--synthetic-cases", "5", "--patch-size", "16,24,24", "--batch-size", "2",
         "--base-channels", "4", "--depth", "3", "--steps-per-epoch", "4", "--workers", "0",
         "--val-every", "1", "--lr", "0.01", "--warmup-steps", "2"]
 
@@ -92,16 +92,17 @@ def test_unusable_validation_settings_stop_before_training(tmp_path, cache_dir):
 @pytest.mark.parametrize("patch", ["16,24", "16,24,24,8", "0,32,32", "-8"])
 def test_a_patch_of_the_wrong_length_or_not_positive_stops_at_parsing(tmp_path, patch):
     # The task folder does not exist: the check must come before any data is read or folder written.
-    with pytest.raises(SystemExit, match=f"^--patch {patch}: give 1 or 3 positive integers \\(z,y,x"):
-        train_liver3d.main(["--data-dir", str(tmp_path / "missing"), "--patch", patch, "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match=f"^--patch-size {patch}: give 1 or 3 positive integers \\(z,y,x"):
+        train_liver3d.main(["--data-dir", str(tmp_path / "missing"), "--patch-size", patch,
+                            "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 
 def test_a_saved_config_with_a_two_axis_patch_stops_at_parsing(tmp_path):
     config = dataclasses.asdict(train_liver3d.Config(data_dir=str(tmp_path / "missing"), out=str(tmp_path / "run")))
-    config["patch"] = [16, 24]
+    config["patch_size"] = [16, 24]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit, match="^--patch 16,24: give 1 or 3"):
+    with pytest.raises(SystemExit, match="^--patch-size 16,24: give 1 or 3"):
         train_liver3d.main(["--config", str(tmp_path / "config.json")])
 
 
@@ -138,7 +139,7 @@ def test_outputs_in_source_geometry_and_bf16_autocast(tmp_path, cache_dir):
     metrics = run(tmp_path / "run", cache_dir, "--epochs", "1", "--amp", "--amp-dtype", "bf16")
     assert np.isfinite(metrics["dice_mean"])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["amp"] is True and config["patch"] == [16, 24, 24]
+    assert config["amp"] is True and config["patch_size"] == [16, 24, 24]
     images = sorted((cache_dir / "synthetic").glob("*/imagesTr/*.nii.gz"))
     predictions = sorted((tmp_path / "run" / "predictions").glob("*.nii.gz"))
     assert predictions
@@ -162,7 +163,7 @@ def test_another_task_with_two_channels_and_one_foreground_class(tmp_path):
                              {0: "background", 1: "gland"}, cases, tensor_image_size="4D")
     metrics = train_liver3d.main([
         "--data-dir", str(root), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
-        "--patch", "8,16,16", "--base-channels", "4", "--depth", "2", "--epochs", "1",
+        "--patch-size", "8,16,16", "--base-channels", "4", "--depth", "2", "--epochs", "1",
         "--steps-per-epoch", "2", "--workers", "0", "--val-fraction", "0.25"])
     assert set(metrics) == {"dice_gland", "dice_mean", "hd95_gland", "nsd_gland"}
 
@@ -175,9 +176,9 @@ def test_every_flag_is_explained_in_help():
     comments = field_comments(train_liver3d.Config)
     assert all(comments.get(f.name) for f in dataclasses.fields(train_liver3d.Config))
     help_text = build_parser(train_liver3d.Config, "").format_help()
-    for flag in ["--data-dir", "--out", "--patch", "--batch-size", "--epochs", "--steps-per-epoch", "--lr",
+    for flag in ["--data-dir", "--out", "--patch-size", "--batch-size", "--epochs", "--steps-per-epoch", "--lr",
                  "--amp", "--compile", "--workers", "--device", "--seed", "--val-every", "--spacing",
-                 "--fg-prob", "--base-channels", "--cache-dir"]:
+                 "--foreground-share", "--base-channels", "--cache-dir"]:
         assert flag in help_text
 
 
@@ -309,7 +310,7 @@ def test_the_phantoms_pinned_network_is_what_the_planner_gives_at_the_default_ma
     # Extremes of the default phantom's median spacing: 330-420 mm fields of view on 128 pixels.
     for thickness in SLICE_THICKNESSES_MM:
         for pixel in (330 / 128, 420 / 128):
-            topology = plan_topology((thickness, pixel, pixel), profile["patch"], depth=profile["depth"])
+            topology = plan_topology((thickness, pixel, pixel), profile["patch_size"], depth=profile["depth"])
             assert set(topology.strides) == set(profile["strides"])
             assert set(topology.kernel_sizes) == set(profile["kernel_sizes"])
 
@@ -321,7 +322,7 @@ def test_real_data_defaults_are_the_measured_recipe_and_the_phantom_keeps_its_ow
         config, _ = parse_config(train_liver3d.Config, list(argv), "", train_liver3d.SYNTHETIC_PROFILE,
                                  recipes=train_liver3d.RECIPES)
         return (config.optimizer, config.lr, config.weight_decay, config.schedule, config.warmup_steps,
-                config.fg_prob, config.fg_sampling)
+                config.foreground_share, config.foreground_sampling)
 
     # Measured on real MRI (README, Real data): AdamW with warm-up and cosine, foreground forced per batch.
     assert settings("--data-dir", "/data/Task28") == ("adamw", 3e-3, 1e-4, "cosine", 50, 0.33, "per_batch")
@@ -339,18 +340,18 @@ def plan(spacing, shape, **fields):
 
 def test_unset_geometry_is_planned_and_thick_slices_rotate_in_plane_only():
     config = plan((10.0, 1.5625, 1.5625), (9.5, 241.0, 211.0))
-    assert config.patch == (10, 256, 224) and config.depth == 7
+    assert config.patch_size == (10, 256, 224) and config.depth == 7
     assert config.strides[:3] == ((1, 2, 2), (1, 2, 2), (2, 2, 2))
     assert config.kernel_sizes[:3] == ((1, 3, 3), (1, 3, 3), (3, 3, 3))
     assert config.augment.rotation_in_plane_only
     isotropic = plan((1.0, 1.0, 1.0), (300.0, 300.0, 300.0))
-    assert isotropic.patch == (128, 128, 128) and isotropic.depth == 6
+    assert isotropic.patch_size == (128, 128, 128) and isotropic.depth == 6
     assert isotropic.strides == ((2, 2, 2),) * 5 and not isotropic.augment.rotation_in_plane_only
 
 
 def test_explicit_geometry_wins_over_the_plan():
-    config = plan((10.0, 1.5, 1.5), (10.0, 240.0, 210.0), patch=(96,), strides=((2, 2, 2),), depth=3)
-    assert config.patch == (96, 96, 96) and config.strides == ((2, 2, 2),) * 2 and config.depth == 3
+    config = plan((10.0, 1.5, 1.5), (10.0, 240.0, 210.0), patch_size=(96,), strides=((2, 2, 2),), depth=3)
+    assert config.patch_size == (96, 96, 96) and config.strides == ((2, 2, 2),) * 2 and config.depth == 3
     assert config.kernel_sizes == ((1, 3, 3), (1, 3, 3), (3, 3, 3))  # still planned from the spacing
     assert not config.augment.rotation_in_plane_only  # z is halved from the first level
     assert plan((1.0, 1.0, 1.0), (64.0, 64.0, 64.0), kernel_sizes=((1, 3, 3), (3, 3, 3))).depth == 2

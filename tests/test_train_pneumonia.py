@@ -42,7 +42,7 @@ def test_run_writes_metrics_cams_and_a_self_contained_checkpoint(tmp_path, cache
     assert 0 < written["box_area_fraction"] < 1 and 0 < written["box_area_fraction_detected"] < 1
     assert len(list((tmp_path / "run" / "cam").glob("*.png"))) == 3
     checkpoint = load_checkpoint(tmp_path / "run" / "best.pt")
-    assert checkpoint["image_size"] == 32 and checkpoint["task"] == "pneumonia"
+    assert checkpoint["image_size"] == (32, 32) and checkpoint["task"] == "pneumonia"
     assert checkpoint["normalization"]["std"] > 0 and 0 <= checkpoint["threshold"] <= 1
     assert json.loads((tmp_path / "run" / "config.json").read_text())["weights"] == "none"
     with pytest.raises(SystemExit, match="already holds a run"):

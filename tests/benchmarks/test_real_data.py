@@ -34,7 +34,7 @@ def test_window_sizes():
     assert real_data.parse_window("32", 3) == (32, 32, 32)
     assert real_data.parse_window("16,96,80", 3) == (16, 96, 80)
     assert real_data.parse_window("112", 2) == (112, 112)
-    with pytest.raises(SystemExit, match="--patch is needed in 3D"):  # the recipe's own is planned for a GPU
+    with pytest.raises(SystemExit, match="--patch-size is needed in 3D"):  # the recipe's own is planned for a GPU
         real_data.parse_window(None, 3)
     assert real_data.parse_window(None, 2) == train_atrium.Config.image_size
 
@@ -48,7 +48,7 @@ def test_3d_commands_give_every_run_the_same_budget(tmp_path):
         parsed[name] = flags = parse(variant.script, command)
         assert (flags["data_dir"], flags["seed"], flags["workers"], flags["cache_dir"], flags["out"]) == (
             "/data/Task28", 3, 2, "/tmp/c", str(tmp_path / name))
-        assert flags["batch_size"] == 7 and flags["patch"] == (16, 48, 80)
+        assert flags["batch_size"] == 7 and flags["patch_size"] == (16, 48, 80)
     for name in ("ours", "nnunet"):
         flags = parsed[name]
         assert flags["epochs"] * flags["steps_per_epoch"] == 495 and flags["val_every"] == flags["epochs"] == 15
@@ -59,8 +59,8 @@ def test_3d_commands_give_every_run_the_same_budget(tmp_path):
         real_data.VARIANTS[3]["nnunet"], budget, spatial_dims=3, data_dir="/d", seed=3, workers=2, cache_dir="/c",
         out=tmp_path / "n", base_channels=13))
     nnunet = json.loads(resolved)[1]
-    assert (nnunet["optimizer"], nnunet["lr"], nnunet["momentum"], nnunet["schedule"], nnunet["fg_prob"],
-            nnunet["fg_sampling"]) == ("sgd", 0.01, 0.99, "poly", 0.33, "per_batch")
+    assert (nnunet["optimizer"], nnunet["lr"], nnunet["momentum"], nnunet["schedule"], nnunet["foreground_share"],
+            nnunet["foreground_sampling"]) == ("sgd", 0.01, 0.99, "poly", 0.33, "per_batch")
     reference = parsed["monai"]
     assert reference["steps"] == 495 and "base_channels" not in reference and "spatial_dims" not in reference
 
@@ -104,14 +104,14 @@ def test_flags_the_runner_refuses(capsys):
         real_data.parse_args(["--data-dir", "/d", "--only", "ours,nnUNet"])
     assert "unknown runs ['nnUNet']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        real_data.parse_args(["--data-dir", "/d", "--2d", "--patch", "32"])
+        real_data.parse_args(["--data-dir", "/d", "--2d", "--patch-size", "32"])
     assert "--image-size for --2d" in capsys.readouterr().err
 
 
 def test_runner_runs_our_recipe_and_reports_it(tmp_path, capsys):
     data_dir = ensure_liver_phantom(tmp_path / "synthetic", num_cases=4, matrix=24)
     out = tmp_path / "runs"
-    runs = real_data.main(["--data-dir", str(data_dir), "--steps", "3", "--epochs", "5", "--patch", "32",
+    runs = real_data.main(["--data-dir", str(data_dir), "--steps", "3", "--epochs", "5", "--patch-size", "32",
                            "--batch-size", "1", "--base-channels", "4", "--only", "ours", "--workers", "0", "--threads", "1",
                            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     assert [(run["run"], run["seed"], run["returncode"]) for run in runs] == [("ours", 0, 0)]
@@ -146,7 +146,7 @@ def test_a_variant_that_resolves_to_an_earlier_run_is_not_run_again(tmp_path, mo
                 "returncode": 0, "log": str(log_path), "metrics": {"dice_x": 0.25 * len(started), "dice_mean": 0.5}}
 
     monkeypatch.setattr(real_data, "run_one", run_one)
-    runs = real_data.main(["--data-dir", "/d", "--steps", "4", "--seeds", "0,1", "--patch", "32", "--out",
+    runs = real_data.main(["--data-dir", "/d", "--steps", "4", "--seeds", "0,1", "--patch-size", "32", "--out",
                            str(tmp_path)])
     assert started == [("ours", 0), ("monai", 0), ("ours", 1), ("monai", 1)]  # seeds are runs of their own
     nnunet = runs[1]

@@ -33,8 +33,8 @@ def run(data_dir, cache_dir, out, *flags):
 def test_3d_reference_scores_the_recipes_validation_cases_and_repeats(tmp_path, cache_dir):
     pytest.importorskip("monai")
     data_dir = ensure_liver_phantom(cache_dir / "synthetic", num_cases=5, matrix=24)
-    first = run(data_dir, cache_dir, tmp_path / "first", "--patch", "32", "--batch-size", "1", "--workers", "1")
-    again = run(data_dir, cache_dir, tmp_path / "again", "--patch", "32", "--batch-size", "1", "--workers", "1")
+    first = run(data_dir, cache_dir, tmp_path / "first", "--patch-size", "32", "--batch-size", "1", "--workers", "1")
+    again = run(data_dir, cache_dir, tmp_path / "again", "--patch-size", "32", "--batch-size", "1", "--workers", "1")
     assert set(first) == {"dice_liver", "dice_cancer", "dice_mean", "hd95_liver", "hd95_cancer", "nsd_liver",
                           "nsd_cancer"}
     assert all(0 <= first[key] <= 1 for key in ("dice_liver", "dice_cancer", "dice_mean", "nsd_liver", "nsd_cancer"))
@@ -64,8 +64,8 @@ def test_2d_reference_on_slices(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("flags, message", [
     (["--steps", "3"], "--data-dir is required"),
-    (["--data-dir", "/d", "--patch", "24"], "--patch 24,24,24: BasicUNet halves every axis 4 times"),
-    (["--data-dir", "/d", "--patch", "16,32"], "give 3 sizes"),
+    (["--data-dir", "/d", "--patch-size", "24"], "--patch-size 24,24,24: BasicUNet halves every axis 4 times"),
+    (["--data-dir", "/d", "--patch-size", "16,32"], "give 3 sizes"),
     (["--data-dir", "/d", "--spatial-dims", "2", "--image-size", "40"], "--image-size 40,40"),
     (["--data-dir", "/d", "--spatial-dims", "1"], "--spatial-dims 1: choose 3"),
     (["--data-dir", "/d", "--steps", "0"], "--steps 0"),

@@ -34,7 +34,7 @@ def test_quick_benchmark_prints_the_table_and_writes_json(tmp_path):
 @pytest.mark.slow  # the benchmarks in a process, the training script in another
 def test_end_to_end_part_times_the_training_script_with_extra_flags(tmp_path):
     out = tmp_path / "results.json"
-    flags = "--synthetic-matrix 24 --synthetic-cases 4 --patch 16,24,24 --base-channels 4 --depth 3"
+    flags = "--synthetic-matrix 24 --synthetic-cases 4 --patch-size 16,24,24 --base-channels 4 --depth 3"
     completed = subprocess.run(
         [sys.executable, "benchmarks/run.py", "--sections", "end_to_end", "--end-to-end-steps", "2",
          "--end-to-end-workers", "0", f"--end-to-end-args={flags}", "--out", str(out), "--cache-dir", str(tmp_path)],

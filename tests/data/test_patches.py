@@ -1,7 +1,6 @@
 import dataclasses
 import hashlib
 import json
-import math
 import pickle
 
 import numpy as np
@@ -10,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.augment3d import Augment3DConfig
-from data.patches import EpochSampler, PatchDataset, sample_patch_center
+from data.patches import PatchDataset, sample_patch_center
+from data.samplers import EpochSampler
 
 
 def _write_case(cache_dir, case_id, image, label, channel_min, num_locations=10_000, seed=0):
@@ -49,9 +49,9 @@ def cache_dir(tmp_path):
     return tmp_path
 
 
-def _dataset(cache_dir, augment=None, patch_size=(9, 15, 13), case_ids=CASE_IDS, fg_prob=0.5):
+def _dataset(cache_dir, augment=None, patch_size=(9, 15, 13), case_ids=CASE_IDS, foreground_share=0.5):
     augment = augment if augment is not None else Augment3DConfig()
-    return PatchDataset(cache_dir, list(case_ids), patch_size, 8, fg_prob, augment, seed=7)
+    return PatchDataset(cache_dir, list(case_ids), patch_size, 8, foreground_share, augment, seed=7)
 
 
 def test_foreground_centres_come_at_the_configured_rate():
@@ -127,7 +127,7 @@ def test_plain_patches_are_padded_crops_of_the_cached_case(tmp_path):
 
 def test_patch_larger_than_the_volume_is_padded(cache_dir):
     plain = Augment3DConfig.none()
-    dataset = _dataset(cache_dir, plain, patch_size=(13, 17, 15), case_ids=("case_2",), fg_prob=0.0)
+    dataset = _dataset(cache_dir, plain, patch_size=(13, 17, 15), case_ids=("case_2",), foreground_share=0.0)
     image = np.load(cache_dir / "case_2_image.npy")  # (2, 9, 13, 11): centred, 2 voxels of padding
     sample = dataset[(0, 0)]
     patch_image, patch_label = sample["image"].numpy(), sample["label"].numpy()
@@ -152,13 +152,6 @@ def test_dataset_pickles_without_its_memmaps(cache_dir):
 def test_integer_keys_are_refused(cache_dir):
     with pytest.raises(TypeError, match="EpochSampler"):
         _dataset(cache_dir)[3]
-
-
-def test_epoch_sampler_yields_keys_of_the_current_epoch():
-    sampler = EpochSampler(2, 2)
-    assert len(sampler) == 4 and list(sampler) == [(0, 0), (0, 1), (0, 2), (0, 3)]
-    sampler.set_epoch(5)
-    assert list(sampler) == [(5, 0), (5, 1), (5, 2), (5, 3)]
 
 
 @pytest.mark.slow  # two spawned worker processes
@@ -201,45 +194,6 @@ def test_one_process_draws_the_keys_and_patches_it_always_drew(cache_dir):
     assert digest.hexdigest() == "ea1f65eb984d52e49e1d87df0f0d7ecdd02b6ba2d511846ff62640ff303e15b1"
 
 
-@pytest.mark.parametrize("world_size", range(1, 9))
-@pytest.mark.parametrize("steps_per_epoch, batch_size", [(250, 2), (7, 3), (3, 5)])
-def test_every_rank_gets_the_same_number_of_full_batches(world_size, steps_per_epoch, batch_size):
-    shards = [list(EpochSampler(steps_per_epoch, batch_size, num_replicas=world_size, rank=rank))
-              for rank in range(world_size)]
-    batches_per_rank = math.ceil(steps_per_epoch / world_size)  # 500 patches on 3 GPUs: 84 batches each
-    assert all(len(shard) == batches_per_rank * batch_size for shard in shards)
-    keys = [key for shard in shards for key in shard]
-    assert len(set(keys)) == len(keys)  # no patch twice in an epoch
-    assert set(EpochSampler(steps_per_epoch, batch_size)) <= set(keys)  # every patch one process would draw
-    for rank, shard in enumerate(shards):  # each batch is one whole batch of the single-process epoch
-        loader = DataLoader(shard, batch_size=batch_size)
-        assert len(loader) == batches_per_rank
-        for step, batch in enumerate(loader):
-            indices = batch[1].tolist()
-            first = (step * world_size + rank) * batch_size
-            assert indices == list(range(first, first + batch_size))
-
-
-def test_ranks_split_an_epoch_without_overlap():
-    shards = [list(EpochSampler(5, 2, num_replicas=3, rank=rank)) for rank in range(3)]
-    assert shards == [[(0, 0), (0, 1), (0, 6), (0, 7)], [(0, 2), (0, 3), (0, 8), (0, 9)],
-                      [(0, 4), (0, 5), (0, 10), (0, 11)]]  # batch 5 is one beyond the epoch's 5
-    with pytest.raises(ValueError, match="rank 3"):
-        EpochSampler(10, 2, num_replicas=3, rank=3)
-
-
-@pytest.mark.parametrize("batch_size, fg_prob, forced", [(2, 0.33, 1), (5, 0.33, 2), (3, 1.0, 3), (4, 0.1, 0)])
-def test_per_batch_foreground_centres_the_last_patches_of_every_batch(batch_size, fg_prob, forced):
-    assert round(batch_size * fg_prob) == forced
-    for rank in range(2):
-        sampler = EpochSampler(9, batch_size, foreground_per_batch=forced, num_replicas=2, rank=rank)
-        keys = list(sampler)
-        batches = [keys[start:start + batch_size] for start in range(0, len(keys), batch_size)]
-        assert all([flag for _, _, flag in batch] == [False] * (batch_size - forced) + [True] * forced
-                   for batch in batches)
-        assert [key[:2] for key in keys] == list(EpochSampler(9, batch_size, num_replicas=2, rank=rank))
-
-
 def test_per_batch_keys_put_one_foreground_centre_in_every_batch_of_two_where_per_sample_leaves_none(tmp_path):
     # One foreground voxel in the volume: a patch is centred on it when, and only when, it was chosen
     # as a foreground centre (a random centre lands on it with probability 1/9975).
@@ -247,7 +201,7 @@ def test_per_batch_keys_put_one_foreground_centre_in_every_batch_of_two_where_pe
     label = np.zeros(shape, dtype=np.uint8)
     label[9, 11, 12] = 1
     _write_case(tmp_path, "dot", np.random.default_rng(0).standard_normal((1, *shape)), label, [-5.0])
-    dataset = _dataset(tmp_path, Augment3DConfig.none(), patch_size=(5, 7, 9), case_ids=("dot",), fg_prob=0.33)
+    dataset = _dataset(tmp_path, Augment3DConfig.none(), patch_size=(5, 7, 9), case_ids=("dot",), foreground_share=0.33)
     center = (2, 3, 4)  # plain crops: the patch's middle voxel is the drawn centre
 
     def foreground_centred(keys):
@@ -258,9 +212,10 @@ def test_per_batch_keys_put_one_foreground_centre_in_every_batch_of_two_where_pe
     per_sample = foreground_centred(EpochSampler(40, 2))
     without = sum(not (first or second) for first, second in zip(per_sample[::2], per_sample[1::2]))
     assert 8 <= without <= 28  # (1 - 0.33)^2 = 45% of the 40 batches on average
-    # A flagged key is the patch an unflagged key draws at fg_prob 1 or 0: one stream for both modes.
-    for fg_prob, flag in ((1.0, True), (0.0, False)):
-        drawing = _dataset(tmp_path, Augment3DConfig.none(), patch_size=(5, 7, 9), case_ids=("dot",), fg_prob=fg_prob)
+    # A flagged key is the patch an unflagged key draws at foreground_share 1 or 0: one stream for both modes.
+    for foreground_share, flag in ((1.0, True), (0.0, False)):
+        drawing = _dataset(tmp_path, Augment3DConfig.none(), patch_size=(5, 7, 9), case_ids=("dot",),
+                           foreground_share=foreground_share)
         for index in range(5):
             torch.testing.assert_close(dataset[(1, index, flag)]["image"], drawing[(1, index)]["image"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="foreground_per_batch"):

@@ -98,14 +98,17 @@ def test_split_by_patient_is_stratified_and_leak_free(phantom):
 
 def test_cache_holds_resized_images_and_is_reused(phantom, tmp_path):
     patients = read_rsna_dataset(phantom)
-    images, shapes = cache_images(phantom, patients, 33, tmp_path, workers=1)
+    images, shapes = cache_images(phantom, patients, (33, 33), tmp_path, workers=1)
     assert images.shape == (len(patients), 33, 33) and images.dtype == np.uint8
     assert (shapes == 48).all() and images.max() == 255
     entries = list(tmp_path.iterdir())
-    again, _ = cache_images(phantom, patients, 33, tmp_path, workers=1)
+    again, _ = cache_images(phantom, patients, (33, 33), tmp_path, workers=1)
     assert list(tmp_path.iterdir()) == entries and isinstance(again, np.memmap)
     np.testing.assert_array_equal(again, images)
-    assert scale_boxes([(12, 24, 6, 3)], (48, 96), 24) == [(3.0, 12.0, 1.5, 1.5)]
+    assert scale_boxes([(12, 24, 6, 3)], (48, 96), (24, 24)) == [(3.0, 12.0, 1.5, 1.5)]
+    assert scale_boxes([(12, 24, 6, 3)], (48, 96), (24, 48)) == [(6.0, 12.0, 3.0, 1.5)]  # H, W
+    wide, _ = cache_images(phantom, patients, (17, 29), tmp_path, workers=1)
+    assert wide.shape == (len(patients), 17, 29)
 
 
 def test_dataset_items_are_normalised_and_augmentation_reproducible():
@@ -125,7 +128,7 @@ def test_dataset_pickles_the_cache_path_not_the_images(phantom, tmp_path):
     import pickle
 
     patients = read_rsna_dataset(phantom)
-    images, _ = cache_images(phantom, patients, 16, tmp_path)
+    images, _ = cache_images(phantom, patients, (16, 16), tmp_path)
     dataset = ChestXrayDataset(images, [p.label for p in patients], [0, 2], 120.0, 40.0)
     copy = pickle.loads(pickle.dumps(dataset))
     assert len(pickle.dumps(dataset)) < images.nbytes

@@ -61,7 +61,7 @@ def test_slices_are_fitted_to_the_image_size(entry, fit):
 
 def test_crop_windows_find_the_foreground_of_a_slice(entry):
     dataset = SliceDataset(entry, CASE_IDS, 0, (8, 8), "crop", Augment2DConfig.none(), seed=0,
-                           foreground_crop_prob=1.0)
+                           crop_foreground_share=1.0)
     numbers = np.flatnonzero(dataset.slice_has_foreground)
     assert all(dataset[(0, i, int(n))]["label"].sum() > 0 for i, n in enumerate(numbers))
 

@@ -16,11 +16,11 @@ from engine.checkpoint import (
 
 def test_round_trip_loads_with_weights_only(tmp_path):
     model = torch.nn.Conv3d(1, 2, 3)
-    state = {"model": model.state_dict(), "epoch": 7, "config": {"patch": [8, 8, 8], "amp": False},
+    state = {"model": model.state_dict(), "epoch": 7, "config": {"patch_size": [8, 8, 8], "amp": False},
              "rng": capture_rng_state()}
     save_checkpoint(state, tmp_path / "last.pt")
     loaded = load_checkpoint(tmp_path / "last.pt")
-    assert loaded["epoch"] == 7 and loaded["config"]["patch"] == [8, 8, 8]
+    assert loaded["epoch"] == 7 and loaded["config"]["patch_size"] == [8, 8, 8]
     assert torch.equal(loaded["model"]["weight"], model.weight.detach())
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.evaluate import evaluate, predict_volume
+from engine.evaluate import evaluate, evaluate_slicewise, predict_volume
+from engine.metrics import slice_averaged_dice
 
 CPU = torch.device("cpu")
 SHAPE = (13, 17, 15)
@@ -46,7 +47,7 @@ def hand_dice(prediction: np.ndarray, reference: np.ndarray, k: int) -> float:
 @pytest.mark.parametrize("overlap, batch_size", [(0.5, 2), (0.25, 3)])
 def test_predict_volume_returns_the_label_map_of_the_whole_odd_sized_volume(overlap, batch_size):
     label = phantom_label()
-    prediction = predict_volume(NearestClass(3), image_of(label), roi_size=(8, 8, 8), num_classes=3, device=CPU,
+    prediction = predict_volume(NearestClass(3), image_of(label), patch_size=(8, 8, 8), num_classes=3, device=CPU,
                                 amp_dtype=None, overlap=overlap, batch_size=batch_size)
     assert prediction.dtype == np.uint8 and prediction.shape == SHAPE
     np.testing.assert_array_equal(prediction, label)
@@ -54,7 +55,7 @@ def test_predict_volume_returns_the_label_map_of_the_whole_odd_sized_volume(over
 
 def test_predict_volume_thresholds_a_single_logit_at_one_half():
     label = (phantom_label() > 0).astype(np.uint8)
-    prediction = predict_volume(NearestClass(1), image_of(label), roi_size=(8, 8, 8), num_classes=1, device=CPU,
+    prediction = predict_volume(NearestClass(1), image_of(label), patch_size=(8, 8, 8), num_classes=1, device=CPU,
                                 amp_dtype=None, batch_size=2)
     np.testing.assert_array_equal(prediction, label)
 
@@ -64,7 +65,7 @@ def test_evaluate_scores_each_case_against_a_hand_computed_dice():
     shifted = np.roll(label, 2, axis=2)  # predicted two voxels off along x
     cases = [("exact", image_of(label, seed=1), label), ("shifted", image_of(shifted, seed=2), label)]
     model = NearestClass(3).train()
-    results = evaluate(model, cases, num_classes=3, roi_size=(8, 8, 8), device=CPU, amp_dtype=None, batch_size=2,
+    results = evaluate(model, cases, num_classes=3, patch_size=(8, 8, 8), device=CPU, amp_dtype=None, batch_size=2,
                        spacing=(2.0, 1.0, 1.0), progress=False)
     assert not model.training
     assert results["per_case"]["exact"] == {1: 1.0, 2: 1.0}
@@ -91,7 +92,7 @@ def test_postprocess_comes_before_scoring_and_on_prediction_sees_its_result():
     def remember(case_id, image, reference, prediction):
         seen[case_id] = prediction
 
-    results = evaluate(NearestClass(3), [("case", image_of(label), label)], num_classes=3, roi_size=(8, 8, 8),
+    results = evaluate(NearestClass(3), [("case", image_of(label), label)], num_classes=3, patch_size=(8, 8, 8),
                        device=CPU, amp_dtype=None, batch_size=2, postprocess=drop_class_two, on_prediction=remember,
                        progress=False)
     # Class 2 is in the reference but no longer predicted: 0, not NaN; class 1 now covers it too.
@@ -107,5 +108,48 @@ def test_running_out_of_memory_names_the_settings_to_lower():
 
     with pytest.raises(SystemExit, match=r"volume of \(1, 13, 17, 15\) in batches of 2 windows of \(8, 8, 8\)"
                                          r".*--window-batch-size.*--amp"):
-        predict_volume(Exhausted(), image_of(phantom_label()), roi_size=(8, 8, 8), num_classes=3, device=CPU,
+        predict_volume(Exhausted(), image_of(phantom_label()), patch_size=(8, 8, 8), num_classes=3, device=CPU,
                        amp_dtype=None, batch_size=2)
+
+
+class Threshold(torch.nn.Module):
+    """A 2D 'model' whose one logit is the image itself minus 0.5: it predicts wherever the image is 1."""
+
+    def forward(self, x):
+        return (x[:, :1] - 0.5) * 40
+
+
+def test_volume_dice_against_hand_computed_masks():
+    reference = np.zeros((6, 10, 10), np.uint8)
+    reference[1:4, 2:6, 2:6] = 1  # 48 voxels
+    predicted = np.zeros_like(reference)
+    predicted[2:5, 2:6, 2:8] = 1  # 72 voxels, 32 shared
+    empty = np.zeros_like(reference)
+    cases = [("hit", predicted[None].astype(np.float32), reference),
+             ("no tumour, none found", empty[None].astype(np.float32), empty),
+             ("no tumour, false positive", predicted[None].astype(np.float32), empty)]
+    results = evaluate_slicewise(Threshold(), cases, num_classes=1, axis=0, image_size=(10, 10), fit="resize",
+                                 device=torch.device("cpu"), amp_dtype=None, progress=False)
+    assert results["per_case"]["hit"][1] == 2 * 32 / (48 + 72)
+    assert results["per_case"]["no tumour, none found"][1] == 1.0
+    assert results["per_case"]["no tumour, false positive"][1] == 0.0
+    assert np.isclose(results["mean"][1], (2 * 32 / 120 + 1 + 0) / 3)
+    # slice by slice: slices 0 and 5 empty in both (1), 1 only reference (0), 2-3 overlap 16/(16+24), 4 only predicted (0)
+    expected = (1 + 0 + 2 * 2 * 16 / 40 + 0 + 1) / 6
+    assert np.isclose(results["per_case_slice_averaged"]["hit"][1], expected)
+    assert np.isclose(slice_averaged_dice(predicted, reference, 0, 2)[1], expected)
+
+
+def test_surface_metrics_of_the_stacked_volume_use_the_spacing():
+    reference = np.zeros((9, 12, 12), np.uint8)
+    reference[2:6, 3:8, 3:8] = 1
+    predicted = np.roll(reference, 1, axis=0)  # one slice off along z, 2.5 mm slices
+    cases = [("shifted", predicted[None].astype(np.float32), reference)]
+    results = evaluate_slicewise(Threshold(), cases, num_classes=1, axis=0, image_size=(12, 12), fit="resize",
+                                 device=torch.device("cpu"), amp_dtype=None, spacing=(2.5, 0.8, 0.8),
+                                 tolerance_mm=2.0, progress=False)
+    surface = results["surface_per_case"]["shifted"][1]
+    assert surface["hd95_mm"] == 2.5  # every distance is 0 or one slice
+    assert 0 < surface["nsd"] < 1  # the slice shift exceeds the 2 mm tolerance on the caps only
+    assert surface["volume_difference_ml"] == 0.0
+    assert results["surface_mean"][1] == surface

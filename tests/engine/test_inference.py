@@ -9,9 +9,9 @@ from engine.inference import (
     copy_to_device,
     default_window_batch_size,
     gaussian_importance_map,
-    pad_to_roi,
+    pad_to_patch,
     place_buffers,
-    predict_probabilities,
+    average_over_flips,
     sliding_window_inference,
     trained_flips,
     window_starts,
@@ -41,7 +41,7 @@ def test_3d_reproduces_whole_volume_forward(overlap, gaussian):
     model = pointwise_model(3, in_channels=2, num_classes=3)
     image = torch.randn(2, 21, 26, 19)
     probabilities = sliding_window_inference(
-        image, model, roi_size=(8, 11, 7), num_classes=3, overlap=overlap, batch_size=3, gaussian=gaussian
+        image, model, patch_size=(8, 11, 7), num_classes=3, overlap=overlap, batch_size=3, gaussian=gaussian
     )
     assert probabilities.shape == (3, 21, 26, 19)
     assert probabilities.dtype == torch.float32
@@ -52,7 +52,7 @@ def test_3d_reproduces_whole_volume_forward(overlap, gaussian):
 def test_2d_reproduces_whole_image_forward_from_numpy(overlap):
     model = pointwise_model(2, in_channels=1, num_classes=2)
     image = np.random.default_rng(0).normal(size=(1, 37, 29)).astype(np.float32)
-    probabilities = sliding_window_inference(image, model, roi_size=(16, 9), num_classes=2, overlap=overlap)
+    probabilities = sliding_window_inference(image, model, patch_size=(16, 9), num_classes=2, overlap=overlap)
     assert probabilities.shape == (2, 37, 29)
     torch.testing.assert_close(probabilities, whole_volume_probabilities(model, image, 2), rtol=0, atol=1e-5)
 
@@ -60,11 +60,11 @@ def test_2d_reproduces_whole_image_forward_from_numpy(overlap):
 def test_single_logit_gives_sigmoid_probabilities():
     model = pointwise_model(3, in_channels=1, num_classes=1)
     image = torch.randn(1, 13, 10, 9)
-    probabilities = sliding_window_inference(image, model, roi_size=(6, 6, 6), num_classes=1)
+    probabilities = sliding_window_inference(image, model, patch_size=(6, 6, 6), num_classes=1)
     torch.testing.assert_close(probabilities, whole_volume_probabilities(model, image, 1), rtol=0, atol=1e-5)
 
 
-def test_volume_smaller_than_roi_is_padded_and_cropped_back():
+def test_volume_smaller_than_the_patch_is_padded_and_cropped_back():
     model = pointwise_model(3, in_channels=2, num_classes=3)
     image = torch.randn(2, 5, 12, 7)
     calls = []
@@ -73,7 +73,7 @@ def test_volume_smaller_than_roi_is_padded_and_cropped_back():
         calls.append(batch.clone())
         return model(batch)
 
-    probabilities = sliding_window_inference(image, predict, roi_size=(8, 8, 8), num_classes=3)
+    probabilities = sliding_window_inference(image, predict, patch_size=(8, 8, 8), num_classes=3)
     assert probabilities.shape == (3, 5, 12, 7)
     torch.testing.assert_close(probabilities, whole_volume_probabilities(model, image, 3), rtol=0, atol=1e-5)
     # Padding uses each channel's minimum: z is padded by 3 voxels, 1 before and 2 after.
@@ -94,7 +94,7 @@ def test_mirroring_with_a_flip_equivariant_model_changes_nothing():
         return model(batch)
 
     probabilities = sliding_window_inference(
-        image, predict, roi_size=(8, 8, 8), num_classes=3, batch_size=100, mirror_axes=(0, 1, 2)
+        image, predict, patch_size=(8, 8, 8), num_classes=3, batch_size=100, mirror_axes=(0, 1, 2)
     )
     assert len(calls) == 8  # one batch, 2^3 flip combinations
     torch.testing.assert_close(probabilities, whole_volume_probabilities(model, image, 3), rtol=0, atol=1e-5)
@@ -109,7 +109,7 @@ def test_mirroring_averages_flipped_predictions_after_unflipping():
         background = torch.zeros_like(batch)
         return torch.cat([background, batch + ramp], dim=1)
 
-    probabilities = sliding_window_inference(image, predict, roi_size=(9, 12), num_classes=2, mirror_axes=(1,))
+    probabilities = sliding_window_inference(image, predict, patch_size=(9, 12), num_classes=2, mirror_axes=(1,))
     # Plain prediction at x: sigmoid(x); flipped, predicted, flipped back: sigmoid(11 - x).
     sigmoid = torch.sigmoid
     expected = (sigmoid(ramp) + sigmoid(11 - ramp)) / 2
@@ -126,7 +126,7 @@ def test_overlapping_windows_are_weighted_by_the_gaussian():
         value = batch.mean(dim=(1, 2, 3), keepdim=True).expand(-1, 1, 1, batch.shape[-1]) * 4
         return torch.cat([torch.zeros_like(value), value], dim=1)
 
-    probabilities = sliding_window_inference(image, predict, roi_size=(1, 8), num_classes=2, overlap=0.5)
+    probabilities = sliding_window_inference(image, predict, patch_size=(1, 8), num_classes=2, overlap=0.5)
     starts = [0, 4]
     weight = gaussian_importance_map((1, 8))[0]
     window_values = [torch.sigmoid(torch.tensor(image[0, 0, s:s + 8].mean().item() * 4)) for s in starts]
@@ -165,16 +165,16 @@ def test_unet_as_predict_with_one_window_equals_its_forward():
 
     model = UNet(spatial_dims=3, in_channels=1, num_classes=2, base_channels=4, depth=3).eval()
     image = torch.randn(1, 12, 12, 12)
-    probabilities = sliding_window_inference(image, model, roi_size=(12, 12, 12), num_classes=2)
+    probabilities = sliding_window_inference(image, model, patch_size=(12, 12, 12), num_classes=2)
     torch.testing.assert_close(probabilities, whole_volume_probabilities(model, image, 2), rtol=0, atol=1e-5)
 
 
 def test_wrong_predict_output_shape_is_reported():
     with pytest.raises(ValueError, match="predict returned"):
-        sliding_window_inference(torch.randn(1, 9, 9), lambda batch: batch, roi_size=(4, 4), num_classes=3)
+        sliding_window_inference(torch.randn(1, 9, 9), lambda batch: batch, patch_size=(4, 4), num_classes=3)
 
 
-def previous_sliding_window_inference(image, predict, roi_size, num_classes, overlap=0.5, batch_size=2,
+def previous_sliding_window_inference(image, predict, patch_size, num_classes, overlap=0.5, batch_size=2,
                                       gaussian=True, device=None, accumulate_device=None, mirror_axes=()):
     """The implementation before the volume moved to the device, kept verbatim as the reference:
     windows stacked on the host and copied batch by batch."""
@@ -182,23 +182,23 @@ def previous_sliding_window_inference(image, predict, roi_size, num_classes, ove
     device = torch.device(device) if device is not None else image.device
     accumulate_device = torch.device(accumulate_device) if accumulate_device is not None else device
     with torch.inference_mode():
-        padded, region = pad_to_roi(image, roi_size)
+        padded, region = pad_to_patch(image, patch_size)
         spatial = padded.shape[1:]
         if gaussian:
-            weight = gaussian_importance_map(roi_size).to(accumulate_device)
+            weight = gaussian_importance_map(patch_size).to(accumulate_device)
         else:
-            weight = torch.ones(tuple(roi_size), device=accumulate_device)
+            weight = torch.ones(tuple(patch_size), device=accumulate_device)
         probability_sum = torch.zeros((num_classes, *spatial), dtype=torch.float32, device=accumulate_device)
         weight_sum = torch.zeros(tuple(spatial), dtype=torch.float32, device=accumulate_device)
-        starts_per_axis = [window_starts(size, roi, overlap) for size, roi in zip(spatial, roi_size)]
+        starts_per_axis = [window_starts(size, roi, overlap) for size, roi in zip(spatial, patch_size)]
         windows = [
-            tuple(slice(start, start + roi) for start, roi in zip(starts, roi_size))
+            tuple(slice(start, start + roi) for start, roi in zip(starts, patch_size))
             for starts in itertools.product(*starts_per_axis)
         ]
         for first in range(0, len(windows), batch_size):
             batch_windows = windows[first : first + batch_size]
             batch = torch.stack([padded[(slice(None), *window)] for window in batch_windows])
-            probabilities = predict_probabilities(predict, batch.to(device), num_classes, mirror_axes)
+            probabilities = average_over_flips(predict, batch.to(device), num_classes, mirror_axes)
             probabilities = probabilities.to(accumulate_device)
             for window, window_probabilities in zip(batch_windows, probabilities):
                 probability_sum[(slice(None), *window)] += window_probabilities * weight
@@ -222,24 +222,24 @@ def contextual_model(spatial_dims, in_channels, num_classes, device):
 @pytest.mark.parametrize("image_on_device", [True, False])
 @pytest.mark.parametrize("accumulate_on_device", [True, False])
 @pytest.mark.parametrize("mirror", [False, True])
-@pytest.mark.parametrize("shape, roi_size, num_classes", [
+@pytest.mark.parametrize("shape, patch_size, num_classes", [
     ((2, 11, 14, 9), (6, 9, 5), 3),  # odd sizes, three windows per axis
     ((1, 5, 12, 7), (8, 8, 8), 2),  # smaller than the window along two axes
     ((1, 37, 29), (16, 9), 1),  # 2D, one sigmoid logit
     ((2, 7, 30), (9, 8), 3),  # 2D, smaller than the window along the first axis
 ])
 def test_matches_the_previous_implementation_for_every_setting(device, batch_size, image_on_device,
-                                                                 accumulate_on_device, mirror, shape, roi_size,
+                                                                 accumulate_on_device, mirror, shape, patch_size,
                                                                  num_classes):
-    spatial_dims = len(roi_size)
+    spatial_dims = len(patch_size)
     model = contextual_model(spatial_dims, shape[0], num_classes, device)
     image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     mirror_axes = tuple(range(spatial_dims)) if mirror else ()
     host = torch.device("cpu")
-    expected = previous_sliding_window_inference(image, model, roi_size, num_classes, batch_size=batch_size,
+    expected = previous_sliding_window_inference(image, model, patch_size, num_classes, batch_size=batch_size,
                                                  device=device, accumulate_device=host, mirror_axes=mirror_axes)
     probabilities = sliding_window_inference(
-        image, model, roi_size=roi_size, num_classes=num_classes, batch_size=batch_size, device=device,
+        image, model, patch_size=patch_size, num_classes=num_classes, batch_size=batch_size, device=device,
         image_device=device if image_on_device else host, accumulate_device=device if accumulate_on_device else host,
         mirror_axes=mirror_axes)
     assert probabilities.shape == (num_classes, *shape[1:])
@@ -252,7 +252,7 @@ def test_tensor_input_and_automatic_placement_match_the_previous_implementation(
     model = contextual_model(3, 1, 3, device)
     image = torch.randn(1, 23, 17, 20)
     expected = previous_sliding_window_inference(image, model, (9, 9, 9), 3, batch_size=3, device=device)
-    probabilities = sliding_window_inference(image, model, roi_size=(9, 9, 9), num_classes=3, batch_size=3,
+    probabilities = sliding_window_inference(image, model, patch_size=(9, 9, 9), num_classes=3, batch_size=3,
                                              device=device)
     torch.testing.assert_close(probabilities.cpu(), expected.cpu(), rtol=0, atol=1e-5)
 
@@ -304,7 +304,7 @@ def test_copy_to_device_leaves_a_tensor_already_there_alone():
 
 def test_batch_size_below_one_is_reported():
     with pytest.raises(ValueError, match="batch_size"):
-        sliding_window_inference(torch.randn(1, 9, 9), lambda batch: batch, roi_size=(4, 4), num_classes=1,
+        sliding_window_inference(torch.randn(1, 9, 9), lambda batch: batch, patch_size=(4, 4), num_classes=1,
                                  batch_size=0)
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.metrics import dice_per_class
+from engine.metrics import dice_per_class, metric_key, surface_scores
 
 
 def two_cubes():
@@ -64,3 +64,14 @@ def test_rejects_mismatched_shapes_and_out_of_range_labels():
         dice_per_class(np.zeros((3, 4)), np.zeros((4, 3)), num_classes=2)
     with pytest.raises(ValueError, match="outside"):
         dice_per_class(np.full((3, 4), 2), np.zeros((3, 4)), num_classes=2)
+
+
+def test_metric_keys_name_the_label_in_lower_case_with_underscores():
+    assert metric_key("Left Atrium") == "dice_left_atrium"
+    assert metric_key(" Liver ", "hd95") == "hd95_liver"
+
+
+def test_surface_scores_are_flat_keys_per_label():
+    surface_mean = {1: {"hd95_mm": 3.5, "nsd": 0.8, "volume_ml": 120.0}, 2: {"hd95_mm": 7.0, "nsd": 0.5}}
+    assert surface_scores(surface_mean, {0: "background", 1: "liver", 2: "Liver Tumour"}) == {
+        "hd95_liver": 3.5, "nsd_liver": 0.8, "hd95_liver_tumour": 7.0, "nsd_liver_tumour": 0.5}

@@ -50,6 +50,17 @@ def test_poly_reaches_zero_at_the_total_steps():
 def test_unknown_names_stop_with_the_flag_and_the_choices():
     parameters = list(small_model().parameters())
     with pytest.raises(SystemExit, match="--optimizer adam: choose sgd or adamw"):
-        build_optimizer(parameters, "adam", 1e-3, 0.9, 0.0, "cosine", 10, 1)
+        build_optimizer(parameters, "adam", lr=1e-3, weight_decay=0.0, schedule="cosine", total_steps=10,
+                        warmup_steps=1)
     with pytest.raises(SystemExit, match="--schedule step: choose poly or cosine"):
-        build_optimizer(parameters, "sgd", 1e-3, 0.9, 0.0, "step", 10, 1)
+        build_optimizer(parameters, "sgd", lr=1e-3, momentum=0.9, weight_decay=0.0, schedule="step", total_steps=10,
+                        warmup_steps=1)
+
+
+def test_parameter_groups_keep_their_own_learning_rates_under_the_schedule():
+    model = small_model()
+    parameters = list(model.parameters())
+    groups = [{"params": parameters[:1], "lr": 1e-3}, {"params": parameters[1:], "lr": 1e-4}]
+    optimizer, scheduler = build_optimizer(groups, "adamw", lr=1e-3, weight_decay=1e-4, schedule="cosine",
+                                           total_steps=10, warmup_steps=2)
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([5e-4, 5e-5])  # first warm-up step

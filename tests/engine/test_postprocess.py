@@ -1,6 +1,6 @@
 import numpy as np
 
-from engine.postprocess import keep_largest_foreground
+from engine.postprocess import keep_largest_component_per_class, keep_largest_foreground
 
 
 def test_keeps_the_organ_with_its_findings_and_drops_islands():
@@ -22,3 +22,14 @@ def test_empty_and_single_component_maps_are_unchanged():
     one = empty.copy()
     one[1:3, 2:4, 3:5] = 2
     np.testing.assert_array_equal(keep_largest_foreground(one), one)
+
+
+def _ball(shape, center, radius):
+    grid = np.indices(shape)
+    return (sum((g - c) ** 2 for g, c in zip(grid, center)) <= radius**2).astype(np.uint8)
+
+
+def test_largest_component_per_class_keeps_one_structure():
+    label = _ball((12, 12, 12), (4, 4, 4), 3) + _ball((12, 12, 12), (10, 10, 10), 1)
+    kept = keep_largest_component_per_class(label, 2)
+    np.testing.assert_array_equal(kept, _ball((12, 12, 12), (4, 4, 4), 3))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import engine.runtime as runtime
-from engine.runtime import metric_key, pick_device, resolve_amp_dtype, seed_everything, start_run, surface_scores
+from engine.runtime import pick_device, resolve_amp_dtype, seed_everything, start_run
 
 
 @pytest.mark.parametrize("fast_bf16, expected", [(True, torch.bfloat16), (False, None)])
@@ -49,17 +49,6 @@ def test_a_run_with_amp_on_a_cpu_without_bf16_kernels_stays_fp32_and_says_so(tmp
     assert device == torch.device("cpu") and amp_dtype is None and workers == 3
     lines = [line for line in capsys.readouterr().out.splitlines() if "--amp" in line]
     assert len(lines) == 1 and "fp32" in lines[0] and "--amp-dtype bf16" in lines[0]
-
-
-def test_metric_keys_name_the_label_in_lower_case_with_underscores():
-    assert metric_key("Left Atrium") == "dice_left_atrium"
-    assert metric_key(" Liver ", "hd95") == "hd95_liver"
-
-
-def test_surface_scores_are_flat_keys_per_label():
-    surface_mean = {1: {"hd95_mm": 3.5, "nsd": 0.8, "volume_ml": 120.0}, 2: {"hd95_mm": 7.0, "nsd": 0.5}}
-    assert surface_scores(surface_mean, {0: "background", 1: "liver", 2: "Liver Tumour"}) == {
-        "hd95_liver": 3.5, "nsd_liver": 0.8, "hd95_liver_tumour": 7.0, "nsd_liver_tumour": 0.5}
 
 
 def test_a_seed_repeats_the_python_numpy_and_torch_draws():

@@ -1,4 +1,4 @@
-from engine.benchmark import StepLoader
+from engine.throughput import StepLoader
 
 
 class RecordingSampler:

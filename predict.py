@@ -300,7 +300,7 @@ def predict_segmentations(checkpoints: list[dict], paths: list[str], task: str, 
             prediction = (keep_largest_foreground(prediction) if spatial_dims == 3
                           else keep_largest_component_per_class(prediction, len(plan.labels)))
         axis = config["slice_axis"] if spatial_dims == 2 else 0
-        save_montage(montage(image, np.zeros_like(prediction), prediction, axis), output / f"{case_id}.png")
+        save_montage(montage(image, np.zeros_like(prediction), prediction, axis=axis), output / f"{case_id}.png")
         mask = restore_to_source(prediction, properties)  # (Z, Y, X) on the source's canonical grid
         write_nifti_like(mask, volume, output / case.name)
         voxel_ml = abs(np.linalg.det(volume.source_affine[:3, :3])) / 1000  # mm^3 -> mL, oblique affines too

@@ -165,7 +165,7 @@ def main(argv: list[str]) -> dict:
                                   grad_clip=config.grad_clip, memory_format=memory_format, out=out, logger=logger)
 
     def checkpoint_state(epoch: int) -> dict:
-        return training_state(model, optimizer, scheduler, scaler, epoch, best_dice,
+        return training_state(model, optimizer, scheduler, scaler, epoch=epoch, best_metric=best_dice,
                               config=dataclasses.asdict(config), plan=plan.to_dict(), task="atrium",
                               labels={str(k): v for k, v in dataset.labels.items()})
 

@@ -295,8 +295,9 @@ def main(argv: list[str]) -> dict:
     config = plan_network(config, plan.target_spacing, median_shape(entry, train_ids + val_ids), logger)
     if rank == 0:
         save_config(config, out / "config.json")
-    train_data = PatchDataset(entry, train_ids, config.patch_size, config.steps_per_epoch * config.batch_size,
-                              config.foreground_share, config.augment, config.seed)
+    train_data = PatchDataset(entry, train_ids, patch_size=config.patch_size,
+                              samples_per_epoch=config.steps_per_epoch * config.batch_size,
+                              foreground_share=config.foreground_share, augment=config.augment, seed=config.seed)
     foreground_per_batch = (round(config.batch_size * config.foreground_share)
                             if config.foreground_sampling == "per_batch" else None)
     # Whole batches: every rank takes ceil(steps_per_epoch / world_size) full ones, so all ranks step together.
@@ -339,7 +340,7 @@ def main(argv: list[str]) -> dict:
                                   grad_clip=config.grad_clip, memory_format=memory_format, out=out, logger=logger)
 
     def checkpoint_state(epoch: int) -> dict:
-        return training_state(model, optimizer, scheduler, scaler, epoch, best_dice,
+        return training_state(model, optimizer, scheduler, scaler, epoch=epoch, best_metric=best_dice,
                               config=dataclasses.asdict(config), plan=plan.to_dict(), task="liver3d",
                               labels={str(k): v for k, v in dataset.labels.items()})
 

@@ -231,13 +231,13 @@ def main(argv: list[str]) -> dict:
     augment = config.augment
     if config.hflip:
         augment = dataclasses.replace(augment, flip_axes=(1,))
-    train_data = ChestXrayDataset(images, labels, train_indices, mean, std, augment, config.crop_min_area,
-                                  config.seed)
-    val_data = ChestXrayDataset(images, labels, val_indices, mean, std)
+    train_data = ChestXrayDataset(images, labels, train_indices, mean=mean, std=std, augment=augment,
+                                  crop_min_area=config.crop_min_area, seed=config.seed)
+    val_data = ChestXrayDataset(images, labels, val_indices, mean=mean, std=std)
     samples_per_epoch = config.samples_per_epoch or len(train_indices)
     shares = {1: config.positive_share, 0: 1 - config.positive_share} if config.balance == "sampler" else None
-    train_sampler = WeightedClassSampler(labels[train_indices], samples_per_epoch, shares, config.seed,
-                                         num_replicas=world_size, rank=rank)
+    train_sampler = WeightedClassSampler(labels[train_indices], num_samples=samples_per_epoch, class_shares=shares,
+                                         seed=config.seed, num_replicas=world_size, rank=rank)
     # drop_last: a last batch of one or two images would give batch norm useless statistics.
     loader = build_loader(train_data, train_sampler, batch_size=config.batch_size, workers=workers, device=device,
                           drop_last=True)
@@ -285,7 +285,7 @@ def main(argv: list[str]) -> dict:
                                   logger=logger)
 
     def checkpoint_state(epoch: int, threshold: float) -> dict:
-        return training_state(model, optimizer, scheduler, scaler, epoch, best_auc,
+        return training_state(model, optimizer, scheduler, scaler, epoch=epoch, best_metric=best_auc,
                               config=dataclasses.asdict(config), image_size=config.image_size,
                               normalization={"mean": mean, "std": std}, threshold=threshold, task="pneumonia")
 

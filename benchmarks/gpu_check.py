@@ -617,8 +617,9 @@ def loader_throughput(context: PartContext) -> None:
     entry = write_cache_entry(volume, context.cache_dir / "loader_entry")
     recipe = train_liver3d.Config()  # the recipe's foreground share and default augmentation
     batch_size = 2
-    dataset = PatchDataset(entry, ["case"], sizes.loader_patch, sizes.loader_batches * batch_size,
-                           recipe.foreground_share, recipe.augment, seed=0)
+    dataset = PatchDataset(entry, ["case"], patch_size=sizes.loader_patch,
+                           samples_per_epoch=sizes.loader_batches * batch_size,
+                           foreground_share=recipe.foreground_share, augment=recipe.augment, seed=0)
     needed = gpu_patches_per_second(context)
     context.result.update(patch=sizes.loader_patch, batches=sizes.loader_batches, gpu_patches_per_s=needed, workers={})
     longest = 0.0

@@ -47,7 +47,7 @@ def write_cache_entry(volume: BenchmarkVolume, folder: Path, case_id: str = "cas
 
 def ours_3d(cache_entry: Path, spec: AugmentationSpec, patch_size: tuple[int, int, int], seed: int) -> PatchSource:
     """`PatchDataset` items in sequence: one fresh random patch per call."""
-    dataset = PatchDataset(cache_entry, ["case"], patch_size, samples_per_epoch=2**31 - 1,
+    dataset = PatchDataset(cache_entry, ["case"], patch_size=patch_size, samples_per_epoch=2**31 - 1,
                            foreground_share=FOREGROUND_PROBABILITY, augment=augment_config_3d(spec), seed=seed)
     keys = iter(range(2**31 - 1))
 

@@ -228,6 +228,7 @@ def augment_2d(
     mask: np.ndarray | None,
     rng: np.random.Generator,
     config: Augment2DConfig,
+    *,
     output_size: tuple[int, int],
     fit: str = "resize",
     center: tuple[float, float] | None = None,

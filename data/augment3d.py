@@ -195,6 +195,7 @@ def make_coordinate_map(
 def apply_spatial_transform(
     image: np.ndarray,
     label: np.ndarray,
+    *,
     center: np.ndarray,
     patch_size: tuple[int, int, int],
     params: SpatialTransformParams,
@@ -220,7 +221,8 @@ def apply_spatial_transform(
     """
     if not params.needs_interpolation:
         integer_center = np.rint(center).astype(np.int64)
-        return _slice_patch(image, label, integer_center, patch_size, params.mirror, channel_min)
+        return _slice_patch(image, label, center=integer_center, patch_size=patch_size, mirror=params.mirror,
+                            channel_min=channel_min)
     coordinates = make_coordinate_map(patch_size, center, params)
     # Splines of order 3 reach one voxel further on each side than linear interpolation.
     margin = 1 if image_order <= 1 else 3
@@ -279,6 +281,7 @@ def sample_nearest(label: np.ndarray, coordinates: np.ndarray) -> np.ndarray:
 def _slice_patch(
     image: np.ndarray,
     label: np.ndarray,
+    *,
     center: np.ndarray,
     patch_size: tuple[int, int, int],
     mirror: tuple[bool, bool, bool],

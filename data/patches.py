@@ -93,6 +93,7 @@ class PatchDataset(Dataset):
         self,
         cache_dir: Path,
         case_ids: list[str],
+        *,
         patch_size: tuple[int, int, int],
         samples_per_epoch: int,
         foreground_share: float,
@@ -138,11 +139,11 @@ class PatchDataset(Dataset):
         image, label = apply_spatial_transform(
             case.image,
             case.label,
-            center,
-            self.patch_size,
-            params,
-            channel_min,
-            self.augment.image_order,
+            center=center,
+            patch_size=self.patch_size,
+            params=params,
+            channel_min=channel_min,
+            image_order=self.augment.image_order,
         )
         image = augment_intensity(image, rng, self.augment)
         return {

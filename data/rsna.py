@@ -221,7 +221,7 @@ class ChestXrayDataset(Dataset):
     the row in ``images``.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: list[int], mean: float, std: float,
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: list[int], *, mean: float, std: float,
                  augment: Augment2DConfig | None = None, crop_min_area: float = 1.0, seed: int = 0):
         self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
         self.indices = np.asarray(indices, dtype=np.int64)

@@ -74,7 +74,7 @@ class WeightedSliceSampler(_SeededDrawSampler):
         num_replicas, rank: DDP world size and this process's rank.
     """
 
-    def __init__(self, slice_has_foreground: np.ndarray, num_samples: int, foreground_share: float | None,
+    def __init__(self, slice_has_foreground: np.ndarray, *, num_samples: int, foreground_share: float | None,
                  seed: int, num_replicas: int = 1, rank: int = 0):
         super().__init__(num_samples, seed, num_replicas, rank)
         self.slice_has_foreground = np.asarray(slice_has_foreground, dtype=bool)
@@ -110,7 +110,7 @@ class WeightedClassSampler(_SeededDrawSampler):
         num_replicas, rank: DDP world size and this process's rank.
     """
 
-    def __init__(self, labels: np.ndarray, num_samples: int, class_shares: dict[int, float] | None,
+    def __init__(self, labels: np.ndarray, *, num_samples: int, class_shares: dict[int, float] | None,
                  seed: int, num_replicas: int = 1, rank: int = 0):
         super().__init__(num_samples, seed, num_replicas, rank)
         self.labels = np.asarray(labels)

@@ -12,7 +12,7 @@ memory maps on first use and read only the slices they need.
 
     dataset = SliceDataset(entry, train_ids, axis=0, image_size=(256, 256), fit="resize",
                            augment=Augment2DConfig(), seed=0)
-    sampler = WeightedSliceSampler(dataset.slice_has_foreground, 2000, foreground_share=0.5, seed=0)
+    sampler = WeightedSliceSampler(dataset.slice_has_foreground, num_samples=2000, foreground_share=0.5, seed=0)
     # batch["image"] (B, C, H, W) float32, batch["label"] (B, H, W) uint8
 """
 
@@ -64,7 +64,7 @@ class SliceDataset(Dataset):
     Items are `{"image": (C, H, W) float32, "label": (H, W) uint8}` tensors.
     """
 
-    def __init__(self, cache_dir: Path, case_ids: list[str], axis: int, image_size: tuple[int, int], fit: str,
+    def __init__(self, cache_dir: Path, case_ids: list[str], *, axis: int, image_size: tuple[int, int], fit: str,
                  augment: Augment2DConfig, seed: int, crop_foreground_share: float = 0.5):
         self.cache_dir = Path(cache_dir)
         self.case_ids = list(case_ids)

@@ -45,7 +45,7 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
                          "It is not a checkpoint of this codebase or it is damaged.") from None
 
 
-def training_state(model, optimizer, scheduler, scaler, epoch: int, best_metric: float, **inference) -> dict:
+def training_state(model, optimizer, scheduler, scaler, *, epoch: int, best_metric: float, **inference) -> dict:
     """The checkpoint dict of a training run at the end of ``epoch``. ``model`` is the plain model
     (not its compiled or DDP wrapper, whose keys carry prefixes); ``inference`` holds what predicting
     needs without the training data (config, preprocessing plan, label names, task)."""

@@ -176,7 +176,7 @@ def validate_volumes(model, entry: Path, val_ids: list[str], *, labels: dict[int
     """
     def on_prediction(case_id, image, label, prediction):
         if case_id == val_ids[0] or save_dir is not None:
-            picture = montage(image, label, prediction, axis)
+            picture = montage(image, label, prediction, axis=axis)
             if case_id == val_ids[0]:
                 logger.image(f"val/{case_id}", picture, epoch)
             if save_dir is not None:

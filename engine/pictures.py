@@ -40,7 +40,7 @@ def foreground_slice_index(labels: np.ndarray) -> int:
     return int(counts.argmax()) if counts.any() else labels.shape[0] // 2
 
 
-def montage(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, axis: int, num_slices: int = 8,
+def montage(image: np.ndarray, label: np.ndarray, prediction: np.ndarray, *, axis: int, num_slices: int = 8,
             columns: int = 4) -> np.ndarray:
     """Slices of a case side by side: image in grey, reference outlines green, prediction red.
 

@@ -70,8 +70,9 @@ def read_validation_patches(entry: str | Path, patches: Iterable[ValidationPatch
         case = load_preprocessed_case(entry, case_id)
         channel_min = np.asarray(case.properties["channel_min"], dtype=np.float32).reshape(case.image.shape[0])
         for patch in same_case:
-            yield apply_spatial_transform(case.image, case.label, np.asarray(patch.center), patch_size,
-                                          SpatialTransformParams(), channel_min)
+            yield apply_spatial_transform(case.image, case.label, center=np.asarray(patch.center),
+                                          patch_size=patch_size, params=SpatialTransformParams(),
+                                          channel_min=channel_min)
 
 
 def count_overlaps(prediction: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -345,8 +345,8 @@ def test_a_thick_slice_run_plans_its_network_and_predict_rebuilds_it(tmp_path):
         label[5:14, 4:12, 1:4] = 1
         image = rng.normal(0, 1, label.shape).astype(np.float32) + 3 * label
         cases.append((f"heart_{i}", image, label, np.diag([-1.5, -1.5, 6.0, 1.0])))
-    root = write_msd_dataset(tmp_path / "Task27", "Thick", "thick slices", {0: "MRI"},
-                             {0: "background", 1: "ventricle"}, cases)
+    root = write_msd_dataset(tmp_path / "Task27", name="Thick", description="thick slices", modality={0: "MRI"},
+                             labels={0: "background", 1: "ventricle"}, cases=cases)
     train_liver3d.main(["--data-dir", str(root), "--cache-dir", str(tmp_path / "cache"), "--out",
                         str(tmp_path / "run"), "--base-channels", "4", "--epochs", "1", "--steps-per-epoch", "1",
                         "--workers", "0", "--val-fraction", "0.34"])

@@ -159,8 +159,9 @@ def test_another_task_with_two_channels_and_one_foreground_class(tmp_path):
         image = rng.normal(0, 1, (19, 17, 13, 2)).astype(np.float32) + 100 + 3 * label[..., None]
         affine = np.diag([1.2, 1.2, 2.0, 1.0])
         cases.append((f"prostate_{i}", image, label, affine))
-    root = write_msd_dataset(tmp_path / "Task05", "Prostate", "two MRI channels", {0: "T2", 1: "ADC"},
-                             {0: "background", 1: "gland"}, cases, tensor_image_size="4D")
+    root = write_msd_dataset(tmp_path / "Task05", name="Prostate", description="two MRI channels",
+                             modality={0: "T2", 1: "ADC"}, labels={0: "background", 1: "gland"}, cases=cases,
+                             tensor_image_size="4D")
     metrics = train_liver3d.main([
         "--data-dir", str(root), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
         "--patch-size", "8,16,16", "--base-channels", "4", "--depth", "2", "--epochs", "1",

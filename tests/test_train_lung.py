@@ -38,8 +38,8 @@ def test_data_dir_with_a_fixed_hounsfield_window_and_other_losses(tmp_path):
         image[:2] = -1000  # air beside the body
         affine = np.diag([-0.8, -0.8, 2.5, 1.0])
         cases.append((f"lung_{index}", image, label, affine))
-    root = write_msd_dataset(tmp_path / "Task06_Lung", "Task06_Lung", "CT", {0: "CT"},
-                             {0: "background", 1: "tumour"}, cases)
+    root = write_msd_dataset(tmp_path / "Task06_Lung", name="Task06_Lung", description="CT", modality={0: "CT"},
+                             labels={0: "background", 1: "tumour"}, cases=cases)
     for loss in ("dice", "bce_dice"):
         out = tmp_path / loss
         metrics = train_lung.main([

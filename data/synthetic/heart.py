@@ -47,15 +47,16 @@ def draw_heart_case(rng: np.random.Generator, matrix: int) -> tuple[np.ndarray, 
 
     # Chest: fat under the skin, muscle, then the lungs on both sides of the mediastinum.
     chest = scale * np.array([150.0, 105.0, 400.0])
-    paint_ellipsoid(tissue, grid, FAT, (0, 20, 0), chest)
-    paint_ellipsoid(tissue, grid, MUSCLE, (0, 20, 0), chest - [12, 12, 0])
+    paint_ellipsoid(tissue, grid, FAT, center=(0, 20, 0), semi_axes=chest)
+    paint_ellipsoid(tissue, grid, MUSCLE, center=(0, 20, 0), semi_axes=chest - [12, 12, 0])
     for side in (-1, 1):
-        paint_ellipsoid(tissue, grid, LUNG, _jitter(rng, (side * 70 * scale, 25, 20), 5),
-                        scale * _jitter(rng, (55, 70, 150), 5))
-    paint_ellipsoid(tissue, grid, MUSCLE, (0, 20, 0), scale * np.array([45.0, 90.0, 400.0]))  # mediastinum
-    paint_ellipsoid(tissue, grid, BONE, (0, 85 * scale, 0), (20, 17, 400))  # vertebral body
-    paint_ellipsoid(tissue, grid, MARROW, (0, 85 * scale, 0), (16, 13, 400))
-    paint_ellipsoid(tissue, grid, FAT, (0, -75 * scale, 0), (30, 8, 400))  # fat behind the sternum
+        paint_ellipsoid(tissue, grid, LUNG, center=_jitter(rng, (side * 70 * scale, 25, 20), 5),
+                        semi_axes=scale * _jitter(rng, (55, 70, 150), 5))
+    paint_ellipsoid(tissue, grid, MUSCLE, center=(0, 20, 0),
+                    semi_axes=scale * np.array([45.0, 90.0, 400.0]))  # mediastinum
+    paint_ellipsoid(tissue, grid, BONE, center=(0, 85 * scale, 0), semi_axes=(20, 17, 400))  # vertebral body
+    paint_ellipsoid(tissue, grid, MARROW, center=(0, 85 * scale, 0), semi_axes=(16, 13, 400))
+    paint_ellipsoid(tissue, grid, FAT, center=(0, -75 * scale, 0), semi_axes=(30, 8, 400))  # fat behind the sternum
 
     # Heart, turned as a whole by a per-case angle about Z.
     turn = rng.uniform(-0.35, 0.35)
@@ -66,15 +67,19 @@ def draw_heart_case(rng: np.random.Generator, matrix: int) -> tuple[np.ndarray, 
 
     left_ventricle = place((22, -18, -22))
     lv_axes = scale * _jitter(rng, (32, 26, 40), 4)
-    paint_ellipsoid(tissue, grid, MYOCARDIUM, left_ventricle, lv_axes + 10, turn + 0.5)
-    paint_ellipsoid(tissue, grid, MYOCARDIUM, place((-18, -32, -15)), scale * _jitter(rng, (34, 18, 38), 3) + 4, turn)
-    paint_ellipsoid(tissue, grid, BLOOD, place((-18, -32, -15)), scale * _jitter(rng, (30, 14, 34), 3), turn)  # RV
-    paint_ellipsoid(tissue, grid, BLOOD, left_ventricle, lv_axes, turn + 0.5)
-    paint_ellipsoid(tissue, grid, BLOOD, place((-35, 8, 10)), scale * _jitter(rng, (20, 20, 24), 3))  # RA
+    paint_ellipsoid(tissue, grid, MYOCARDIUM, center=left_ventricle, semi_axes=lv_axes + 10, angle=turn + 0.5)
+    paint_ellipsoid(tissue, grid, MYOCARDIUM, center=place((-18, -32, -15)),
+                    semi_axes=scale * _jitter(rng, (34, 18, 38), 3) + 4, angle=turn)
+    paint_ellipsoid(tissue, grid, BLOOD, center=place((-18, -32, -15)),
+                    semi_axes=scale * _jitter(rng, (30, 14, 34), 3), angle=turn)  # RV
+    paint_ellipsoid(tissue, grid, BLOOD, center=left_ventricle, semi_axes=lv_axes, angle=turn + 0.5)
+    paint_ellipsoid(tissue, grid, BLOOD, center=place((-35, 8, 10)),
+                    semi_axes=scale * _jitter(rng, (20, 20, 24), 3))  # RA
     aortic_root = place((0, -5, 12))
-    paint_tube(tissue, grid, BLOOD, aortic_root, aortic_root + [0, 5, 120], 13 * scale)  # ascending aorta
+    paint_tube(tissue, grid, BLOOD, start=aortic_root, end=aortic_root + [0, 5, 120],
+               radius=13 * scale)  # ascending aorta
     descending = place((25, 60, 0), 3)
-    paint_tube(tissue, grid, BLOOD, descending - [0, 0, 200], descending + [0, 0, 200], 11 * scale)
+    paint_tube(tissue, grid, BLOOD, start=descending - [0, 0, 200], end=descending + [0, 0, 200], radius=11 * scale)
 
     # Left atrium behind the ventricles, its four pulmonary veins running out to the lungs (bright
     # like the atrium and unlabelled, so the boundary must be found where they join).
@@ -83,8 +88,9 @@ def draw_heart_case(rng: np.random.Generator, matrix: int) -> tuple[np.ndarray, 
     for side in (-1, 1):
         for height in (-10, 10):
             vein_end = left_atrium + rotation @ (scale * _jitter(rng, (side * 55, 12, height), 6))
-            paint_tube(tissue, grid, BLOOD, left_atrium, vein_end, scale * rng.uniform(5, 7))
-    atrium = paint_ellipsoid(tissue, grid, LEFT_ATRIUM, left_atrium, la_axes, turn + rng.uniform(-0.3, 0.3))
+            paint_tube(tissue, grid, BLOOD, start=left_atrium, end=vein_end, radius=scale * rng.uniform(5, 7))
+    atrium = paint_ellipsoid(tissue, grid, LEFT_ATRIUM, center=left_atrium, semi_axes=la_axes,
+                             angle=turn + rng.uniform(-0.3, 0.3))
 
     # Signal: tissue means with small per-case contrast changes, texture, coil bias, gain, Rician noise.
     signal = (SIGNAL * rng.uniform(0.9, 1.1, size=len(SIGNAL)).astype(np.float32))[tissue]
@@ -106,8 +112,8 @@ def write_heart_phantom(root: Path, num_cases: int, matrix: int, seed: int, vers
             image, label, affine = draw_heart_case(rng, matrix)
             yield f"heart_{index + 1:03d}", image, label, affine
 
-    return write_msd_dataset(root, "Task02_Heart", "Synthetic left atrium cardiac MRI (bSSFP-like)",
-                             {0: "MRI"}, LABELS, cases())
+    return write_msd_dataset(root, name="Task02_Heart", description="Synthetic left atrium cardiac MRI (bSSFP-like)",
+                             modality={0: "MRI"}, labels=LABELS, cases=cases())
 
 
 def ensure_heart_phantom(cache_root: str | Path, num_cases: int = 16, matrix: int = 96, seed: int = 0) -> Path:

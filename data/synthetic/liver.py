@@ -124,7 +124,7 @@ def _draw_body(tissue, coords, cavity_semi, wall_mm, fat_mm):
     return cavity
 
 
-def _draw_liver(tissue, coords, rng, cavity, cavity_semi, dome_z, spacing):
+def _draw_liver(tissue, coords, rng, *, cavity, cavity_semi, dome_z, spacing):
     """Deformed two-lobe liver in the right upper abdomen with ~1.2-2 L volume."""
     X, Y, Z = coords
     ai, bi = cavity_semi
@@ -150,7 +150,7 @@ def _draw_liver(tissue, coords, rng, cavity, cavity_semi, dome_z, spacing):
     return center_z, height
 
 
-def _draw_organs(tissue, coords, rng, cavity, cavity_semi, dome_z, spacing):
+def _draw_organs(tissue, coords, rng, *, cavity, cavity_semi, dome_z, spacing):
     """Organs around the liver, drawn in an order where later ones overwrite earlier ones."""
     X, Y, Z = coords
     ai, bi = cavity_semi
@@ -172,7 +172,8 @@ def _draw_organs(tissue, coords, rng, cavity, cavity_semi, dome_z, spacing):
     tissue[cavity & (stomach < 0.9)] = FLUID
     tissue[cavity & (stomach < 0.9) & (Y < stomach_center[1] - rng.uniform(0, 0.2) * bi)] = AIR
 
-    center_z, height = _draw_liver(tissue, coords, rng, cavity, cavity_semi, dome_z, spacing)
+    center_z, height = _draw_liver(tissue, coords, rng, cavity=cavity, cavity_semi=cavity_semi, dome_z=dome_z,
+                                   spacing=spacing)
 
     if rng.random() < 0.8:  # the gallbladder is hypodense like a tumour but is not liver
         gallbladder = _ellipsoid_radius(
@@ -205,10 +206,10 @@ def _draw_organs(tissue, coords, rng, cavity, cavity_semi, dome_z, spacing):
     cava = ((X + 0.2 * ai) / 14) ** 2 + ((Y - (spine_y - 38)) / 10) ** 2 < 1
     tissue[np.broadcast_to(aorta, shape)] = AORTA
     tissue[np.broadcast_to(cava, shape)] = CAVA
-    _draw_spine(tissue, coords, rng, spine_y, cavity_semi, dome_z)
+    _draw_spine(tissue, coords, rng, spine_y=spine_y, cavity_semi=cavity_semi, dome_z=dome_z)
 
 
-def _draw_spine(tissue, coords, rng, spine_y, cavity_semi, dome_z):
+def _draw_spine(tissue, coords, rng, *, spine_y, cavity_semi, dome_z):
     """Vertebral bodies with cortical rim and discs, spinal canal, paraspinal muscles, ribs."""
     X, Y, Z = coords
     ai, bi = cavity_semi
@@ -348,7 +349,7 @@ def make_liver_case(rng: np.random.Generator, matrix: int = 128,
 
     tissue = np.full(shape, AIR, dtype=np.uint8)
     cavity = _draw_body(tissue, coords, cavity_semi, wall_mm, fat_mm)
-    _draw_organs(tissue, coords, rng, cavity, cavity_semi, dome_z, spacing)
+    _draw_organs(tissue, coords, rng, cavity=cavity, cavity_semi=cavity_semi, dome_z=dome_z, spacing=spacing)
     _draw_hepatic_vessels(tissue, rng, spacing)
     tumour_offset = _draw_tumours(tissue, rng, spacing)
 

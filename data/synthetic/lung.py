@@ -36,7 +36,7 @@ def _direction(rng: np.random.Generator) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-def _draw_vessel_tree(rng, hu, grid, lung, start, value, generations: int, radius: float, length: float):
+def _draw_vessel_tree(rng, hu, grid, lung, *, start, value, generations: int, radius: float, length: float):
     """A branching tree of tubes from `start`, kept inside the lung (segments leaving it stop)."""
     tips = [(np.asarray(start, float), radius, length)]
     for _ in range(generations):
@@ -48,7 +48,7 @@ def _draw_vessel_tree(rng, hu, grid, lung, start, value, generations: int, radiu
                               for axis, coordinate in zip(grid.axes, end))
                 if not lung[index]:
                     continue
-                paint_tube(hu, grid, value, tip, end, tip_radius)
+                paint_tube(hu, grid, value, start=tip, end=end, radius=tip_radius)
                 next_tips.append((end, tip_radius * rng.uniform(0.65, 0.85), tip_length * 0.8))
         tips = next_tips
 
@@ -63,41 +63,45 @@ def draw_lung_case(rng: np.random.Generator, matrix: int, with_tumour: bool) -> 
     scale = rng.uniform(0.9, 1.05)
 
     chest = scale * np.array([155.0, 110.0, 600.0])
-    paint_ellipsoid(hu, grid, rng.uniform(-110, -90), (0, 10, 0), chest)  # subcutaneous fat
-    paint_ellipsoid(hu, grid, rng.uniform(40, 55), (0, 10, 0), chest - [14, 14, 0])  # muscle, mediastinum
+    paint_ellipsoid(hu, grid, rng.uniform(-110, -90), center=(0, 10, 0), semi_axes=chest)  # subcutaneous fat
+    paint_ellipsoid(hu, grid, rng.uniform(40, 55), center=(0, 10, 0),
+                    semi_axes=chest - [14, 14, 0])  # muscle, mediastinum
     lungs = []
     for side in (-1, 1):
-        lungs.append(paint_ellipsoid(hu, grid, rng.uniform(-870, -830), (side * 72 * scale, 12, -10),
-                                     scale * (np.array([60.0, 82.0, 120.0]) + rng.uniform(-5, 5, 3))))
+        lungs.append(paint_ellipsoid(hu, grid, rng.uniform(-870, -830), center=(side * 72 * scale, 12, -10),
+                                     semi_axes=scale * (np.array([60.0, 82.0, 120.0]) + rng.uniform(-5, 5, 3))))
     lung = lungs[0] | lungs[1]
     hu[lung] += 25 * smooth_field(rng, shape, coarse=12)[lung]  # parenchymal texture
-    paint_ellipsoid(hu, grid, rng.uniform(35, 50), (12, -28, -60), scale * np.array([58.0, 48.0, 55.0]))  # heart
-    paint_tube(hu, grid, rng.uniform(150, 220), (0, -5, -200), (0, -5, 200), 13 * scale)  # aorta (contrast)
-    paint_ellipsoid(hu, grid, rng.uniform(600, 750), (0, 80 * scale, 0), (19, 16, 600))  # vertebral cortex
-    paint_ellipsoid(hu, grid, rng.uniform(200, 300), (0, 80 * scale, 0), (15, 12, 600))  # marrow
-    paint_ellipsoid(hu, grid, rng.uniform(400, 600), (0, -100 * scale, 0), (14, 5, 600))  # sternum
+    paint_ellipsoid(hu, grid, rng.uniform(35, 50), center=(12, -28, -60),
+                    semi_axes=scale * np.array([58.0, 48.0, 55.0]))  # heart
+    paint_tube(hu, grid, rng.uniform(150, 220), start=(0, -5, -200), end=(0, -5, 200),
+               radius=13 * scale)  # aorta (contrast)
+    paint_ellipsoid(hu, grid, rng.uniform(600, 750), center=(0, 80 * scale, 0),
+                    semi_axes=(19, 16, 600))  # vertebral cortex
+    paint_ellipsoid(hu, grid, rng.uniform(200, 300), center=(0, 80 * scale, 0), semi_axes=(15, 12, 600))  # marrow
+    paint_ellipsoid(hu, grid, rng.uniform(400, 600), center=(0, -100 * scale, 0), semi_axes=(14, 5, 600))  # sternum
 
     # Vessels: contrast-filled trees from each hilum, 3-9 mm across near it and thinner outwards.
     vessel_hu = rng.uniform(120, 220)
     for side in (-1, 1):
         for _ in range(4):
             hilum = np.array([side * 45 * scale, 12, -5]) + rng.uniform(-10, 10, 3)
-            _draw_vessel_tree(rng, hu, grid, lung, hilum, vessel_hu, generations=4, radius=rng.uniform(3.0, 4.5),
-                              length=35 * scale)
+            _draw_vessel_tree(rng, hu, grid, lung, start=hilum, value=vessel_hu, generations=4,
+                              radius=rng.uniform(3.0, 4.5), length=35 * scale)
 
     # Airways: air inside a soft-tissue wall, trachea down to the carina, then the bronchi.
     carina = np.array([0, 20, 35]) + rng.uniform(-4, 4, 3)
-    paint_tube(hu, grid, 20.0, carina, carina + [0, -5, 200], 10.5)
-    paint_tube(hu, grid, -1000.0, carina, carina + [0, -5, 200], 8.0)
+    paint_tube(hu, grid, 20.0, start=carina, end=carina + [0, -5, 200], radius=10.5)
+    paint_tube(hu, grid, -1000.0, start=carina, end=carina + [0, -5, 200], radius=8.0)
     for side in (-1, 1):
         bronchus_end = carina + [side * 45 * scale, 8, -25]
-        paint_tube(hu, grid, 20.0, carina, bronchus_end, 7.0)
+        paint_tube(hu, grid, 20.0, start=carina, end=bronchus_end, radius=7.0)
         for _ in range(3):
             lobar_end = bronchus_end + _direction(rng) * 35 * scale
             if lung[tuple(int(np.clip(np.searchsorted(a, c), 0, len(a) - 1)) for a, c in zip(grid.axes, lobar_end))]:
-                paint_tube(hu, grid, 20.0, bronchus_end, lobar_end, 4.0)
-                paint_tube(hu, grid, -1000.0, bronchus_end, lobar_end, 2.5)
-        paint_tube(hu, grid, -1000.0, carina, bronchus_end, 5.0)
+                paint_tube(hu, grid, 20.0, start=bronchus_end, end=lobar_end, radius=4.0)
+                paint_tube(hu, grid, -1000.0, start=bronchus_end, end=lobar_end, radius=2.5)
+        paint_tube(hu, grid, -1000.0, start=carina, end=bronchus_end, radius=5.0)
 
     # Nodules: lobulated soft-tissue lumps inside a lung, 3-30 mm across, most of them over 10 mm.
     label = np.zeros(shape, dtype=np.uint8)
@@ -109,11 +113,12 @@ def draw_lung_case(rng: np.random.Generator, matrix: int, with_tumour: bool) -> 
             center = np.array([axis[i] for axis, i in zip(grid.axes, candidates[rng.integers(len(candidates))])])
             nodule_hu = rng.uniform(-20, 50)
             nodule = np.zeros(shape, dtype=bool)
-            nodule |= paint_ellipsoid(hu, grid, nodule_hu, center, diameter / 2 * rng.uniform(0.85, 1.15, 3),
-                                      rng.uniform(0, np.pi))
+            nodule |= paint_ellipsoid(hu, grid, nodule_hu, center=center,
+                                      semi_axes=diameter / 2 * rng.uniform(0.85, 1.15, 3),
+                                      angle=rng.uniform(0, np.pi))
             for _ in range(2):  # lobulation
                 offset = _direction(rng) * diameter * 0.3
-                nodule |= paint_ellipsoid(hu, grid, nodule_hu, center + offset, [diameter * 0.3] * 3)
+                nodule |= paint_ellipsoid(hu, grid, nodule_hu, center=center + offset, semi_axes=[diameter * 0.3] * 3)
             label[nodule] = 1
 
     # Acquisition: partial-volume blur, then quantum noise.
@@ -133,7 +138,8 @@ def write_lung_phantom(root: Path, num_cases: int, matrix: int, seed: int, versi
             image, label, affine = draw_lung_case(rng, matrix, with_tumour)
             yield f"lung_{index + 1:03d}", image, label, affine
 
-    return write_msd_dataset(root, "Task06_Lung", "Synthetic lung nodule chest CT", {0: "CT"}, LABELS, cases())
+    return write_msd_dataset(root, name="Task06_Lung", description="Synthetic lung nodule chest CT",
+                             modality={0: "CT"}, labels=LABELS, cases=cases())
 
 
 def ensure_lung_phantom(cache_root: str | Path, num_cases: int = 16, matrix: int = 192, seed: int = 0) -> Path:

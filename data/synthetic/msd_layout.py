@@ -47,7 +47,7 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def _check_case(case_id: str, image: np.ndarray, label: np.ndarray | None,
-                affine: np.ndarray, tensor_image_size: str, num_channels: int) -> None:
+                *, affine: np.ndarray, tensor_image_size: str, num_channels: int) -> None:
     spatial_ndim = 3
     expected_ndim = spatial_ndim if tensor_image_size == "3D" else spatial_ndim + 1
     if image.ndim != expected_ndim:
@@ -63,7 +63,7 @@ def _check_case(case_id: str, image: np.ndarray, label: np.ndarray | None,
         raise ValueError(f"case {case_id}: affine must be 4x4")
 
 
-def write_msd_dataset(root: str | Path, name: str, description: str,
+def write_msd_dataset(root: str | Path, *, name: str, description: str,
                       modality: dict[int, str], labels: dict[int, str],
                       cases: Iterable[Case], tensor_image_size: str = "3D",
                       test_cases: Iterable[Case] = (), reference: str = "synthetic phantom",
@@ -91,7 +91,8 @@ def write_msd_dataset(root: str | Path, name: str, description: str,
     for case_id, image, label, affine in cases:
         if label is None:
             raise ValueError(f"training case {case_id} has no label")
-        _check_case(case_id, image, label, affine, tensor_image_size, len(modality))
+        _check_case(case_id, image, label, affine=affine, tensor_image_size=tensor_image_size,
+                    num_channels=len(modality))
         write_nifti(image, affine, root / "imagesTr" / f"{case_id}.nii.gz")
         write_nifti(label.astype(np.uint8), affine, root / "labelsTr" / f"{case_id}.nii.gz")
         training.append({"image": f"./imagesTr/{case_id}.nii.gz",
@@ -101,7 +102,8 @@ def write_msd_dataset(root: str | Path, name: str, description: str,
     for case_id, image, label, affine in test_cases:
         if label is not None:
             raise ValueError(f"test case {case_id} must not carry a label")
-        _check_case(case_id, image, None, affine, tensor_image_size, len(modality))
+        _check_case(case_id, image, None, affine=affine, tensor_image_size=tensor_image_size,
+                    num_channels=len(modality))
         write_nifti(image, affine, root / "imagesTs" / f"{case_id}.nii.gz")
         test.append(f"./imagesTs/{case_id}.nii.gz")
 

@@ -139,7 +139,7 @@ def _expose(rng: np.random.Generator, attenuation: np.ndarray) -> np.ndarray:
     return np.clip(image / np.percentile(image, 99.8), 0, 1)
 
 
-def write_dicom(path: Path, image: np.ndarray, patient_id: str, storage: str, view: str, sex: str,
+def write_dicom(path: Path, image: np.ndarray, *, patient_id: str, storage: str, view: str, sex: str,
                 age: int, pixel_spacing_mm: float) -> None:
     """Write ``image`` ((H, W) in [0, 1], bright = dense) as a CR DICOM file.
 
@@ -205,8 +205,8 @@ def write_rsna_phantom(root: Path, num_patients: int, matrix: int, seed: int) ->
         boxes = _draw_opacities(rng, attenuation, lungs) if positive else []
         positive = bool(boxes)
         image = _expose(rng, attenuation)
-        write_dicom(root / "stage_2_train_images" / f"{patient_id}.dcm", image, patient_id,
-                    STORAGE[index % len(STORAGE)], view=str(rng.choice(["PA", "AP"])),
+        write_dicom(root / "stage_2_train_images" / f"{patient_id}.dcm", image, patient_id=patient_id,
+                    storage=STORAGE[index % len(STORAGE)], view=str(rng.choice(["PA", "AP"])),
                     sex=str(rng.choice(["M", "F"])), age=int(rng.integers(18, 90)),
                     pixel_spacing_mm=DETECTOR_MM / matrix)
         if positive:

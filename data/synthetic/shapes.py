@@ -37,7 +37,7 @@ class Grid:
         return tuple(box), coordinates
 
 
-def paint_ellipsoid(volume: np.ndarray, grid: Grid, value, center, semi_axes, angle: float = 0.0) -> np.ndarray:
+def paint_ellipsoid(volume: np.ndarray, grid: Grid, value, *, center, semi_axes, angle: float = 0.0) -> np.ndarray:
     """Set voxels of an ellipsoid (semi-axes in mm along X, Y, Z, turned by `angle` radians about Z)
     to `value`; returns the (full-size) boolean mask painted."""
     center, semi_axes = np.asarray(center, float), np.asarray(semi_axes, float)
@@ -53,7 +53,7 @@ def paint_ellipsoid(volume: np.ndarray, grid: Grid, value, center, semi_axes, an
     return mask
 
 
-def paint_tube(volume: np.ndarray, grid: Grid, value, start, end, radius: float) -> np.ndarray:
+def paint_tube(volume: np.ndarray, grid: Grid, value, *, start, end, radius: float) -> np.ndarray:
     """Set voxels within `radius` mm of the segment start-end (mm) to `value`; returns the mask."""
     start, end = np.asarray(start, float), np.asarray(end, float)
     box, (x, y, z) = grid.box(np.minimum(start, end) - radius, np.maximum(start, end) + radius)

@@ -78,8 +78,8 @@ def test_image_and_mask_stay_aligned_under_every_spatial_augmentation():
 def test_linear_image_follows_the_mask():
     mask = _blobs()
     image = (mask > 0).astype(np.float32)[None]
-    _, _ = augment_2d(image, mask, np.random.default_rng(3), ALL_SPATIAL, (33, 35))
-    warped, warped_mask = augment_2d(image, mask, np.random.default_rng(3), ALL_SPATIAL, (33, 35))
+    _, _ = augment_2d(image, mask, np.random.default_rng(3), ALL_SPATIAL, output_size=(33, 35))
+    warped, warped_mask = augment_2d(image, mask, np.random.default_rng(3), ALL_SPATIAL, output_size=(33, 35))
     assert warped[0][warped_mask > 0].mean() > 0.8
     assert warped[0][warped_mask == 0].mean() < 0.2
 
@@ -88,7 +88,7 @@ def test_flip_of_columns_only():
     config = dataclasses.replace(Augment2DConfig.none(), flip_axes=(1,), p_flip=1.0)
     image = np.random.default_rng(2).standard_normal((1, 12, 15)).astype(np.float32)
     mask = _blobs((12, 15))
-    warped, warped_mask = augment_2d(image, mask, np.random.default_rng(0), config, (12, 15))
+    warped, warped_mask = augment_2d(image, mask, np.random.default_rng(0), config, output_size=(12, 15))
     np.testing.assert_allclose(warped, image[:, :, ::-1], atol=1e-5)
     np.testing.assert_array_equal(warped_mask, mask[:, ::-1])
 
@@ -96,8 +96,8 @@ def test_flip_of_columns_only():
 def test_image_only_use_and_reproducibility():
     image = np.random.default_rng(4).standard_normal((3, 27, 27)).astype(np.float32)
     config = Augment2DConfig(p_gamma=1.0, p_noise=1.0, p_brightness=1.0, p_contrast=1.0)
-    first, no_mask = augment_2d(image, None, np.random.default_rng(9), config, (24, 24))
-    again, _ = augment_2d(image, None, np.random.default_rng(9), config, (24, 24))
+    first, no_mask = augment_2d(image, None, np.random.default_rng(9), config, output_size=(24, 24))
+    again, _ = augment_2d(image, None, np.random.default_rng(9), config, output_size=(24, 24))
     assert no_mask is None and first.shape == (3, 24, 24) and first.dtype == np.float32
     np.testing.assert_array_equal(first, again)
 

@@ -64,7 +64,8 @@ def test_pure_crop_and_mirror_match_slicing_and_flip():
         expected_image = np.flip(reference_image, tuple(axis + 1 for axis in flip_axes))
         expected_label = np.flip(reference_label, flip_axes)
         # fast (sliced) path
-        patch_image, patch_label = apply_spatial_transform(image, label, center, patch_size, params, np.zeros(1))
+        patch_image, patch_label = apply_spatial_transform(image, label, center=center, patch_size=patch_size,
+                                                           params=params, channel_min=np.zeros(1))
         np.testing.assert_array_equal(patch_image, expected_image)
         np.testing.assert_array_equal(patch_label, expected_label)
         assert patch_image.flags.c_contiguous and patch_label.flags.c_contiguous
@@ -80,12 +81,14 @@ def test_quarter_turn_and_double_scale_match_rot90_and_strides():
     start = center - np.asarray(patch_size) // 2
     crop = label[tuple(slice(s, s + n) for s, n in zip(start, patch_size))]
     turned = SpatialTransformParams(angles=(math.pi / 2, 0.0, 0.0))
-    _, patch_label = apply_spatial_transform(image, label, center, patch_size, turned, np.zeros(1))
+    _, patch_label = apply_spatial_transform(image, label, center=center, patch_size=patch_size, params=turned,
+                                             channel_min=np.zeros(1))
     np.testing.assert_array_equal(patch_label, np.rot90(crop, k=-1, axes=(1, 2)))
 
     patch_size = (5, 9, 11)
     doubled = SpatialTransformParams(scale=2.0)
-    patch_image, patch_label = apply_spatial_transform(image, label, center, patch_size, doubled, np.zeros(1))
+    patch_image, patch_label = apply_spatial_transform(image, label, center=center, patch_size=patch_size,
+                                                       params=doubled, channel_min=np.zeros(1))
     start = center - 2 * (np.asarray(patch_size) // 2)
     strided = tuple(slice(s, s + 2 * n, 2) for s, n in zip(start, patch_size))
     np.testing.assert_array_equal(patch_label, label[strided])
@@ -102,7 +105,8 @@ def test_full_spatial_augmentation_keeps_image_and_label_aligned():
         channel_min = image.reshape(1, -1).min(axis=1)
         params = sample_spatial_transform(np.random.default_rng(seed), patch_size, _forced_spatial_config())
         assert all(params.angles) and params.scale != 1.0 and params.elastic_magnitude > 0.0 and all(params.mirror)
-        patch_image, patch_label = apply_spatial_transform(image, label, center, patch_size, params, channel_min)
+        patch_image, patch_label = apply_spatial_transform(image, label, center=center, patch_size=patch_size,
+                                                           params=params, channel_min=channel_min)
         assert patch_image.shape == (1, *patch_size) and patch_image.dtype == np.float32
         assert patch_label.shape == patch_size and patch_label.dtype == np.uint8
         assert set(np.unique(patch_label)) == {0, 1, 2, 3}
@@ -114,7 +118,8 @@ def test_full_spatial_augmentation_keeps_image_and_label_aligned():
         assert not np.any(mismatch & ~near_boundary & interior)
         # the transform really moved things: the plain crop differs
         plain_params = SpatialTransformParams()
-        plain_image, _ = apply_spatial_transform(image, label, center, patch_size, plain_params, channel_min)
+        plain_image, _ = apply_spatial_transform(image, label, center=center, patch_size=patch_size,
+                                                 params=plain_params, channel_min=channel_min)
         assert np.abs(plain_image - patch_image).mean() > 1.0
     assert max(mismatch_fractions) < 0.08 and np.mean(mismatch_fractions) < 0.05
 
@@ -136,7 +141,8 @@ def test_reading_the_bounding_box_equals_interpolating_the_whole_volume():
             return self.array[key]
 
     patch_image, patch_label = apply_spatial_transform(
-        RecordingVolume(image), RecordingVolume(label), center, patch_size, params, np.array([-5.0])
+        RecordingVolume(image), RecordingVolume(label), center=center, patch_size=patch_size, params=params,
+        channel_min=np.array([-5.0])
     )
     coordinates = make_coordinate_map(patch_size, center, params)
     whole_image = scipy.ndimage.map_coordinates(image[0], coordinates, order=1, mode="constant", cval=-5.0)
@@ -153,7 +159,8 @@ def test_patch_larger_than_volume_is_padded_with_channel_min_and_background(para
     channel_min = np.array([-3.0, 50.0], dtype=np.float32)
     patch_size = (9, 11, 13)
     center = np.array([2, 3, 4])
-    patch_image, patch_label = apply_spatial_transform(image, label, center, patch_size, params, channel_min)
+    patch_image, patch_label = apply_spatial_transform(image, label, center=center, patch_size=patch_size,
+                                                       params=params, channel_min=channel_min)
     start = np.asarray(patch_size) // 2 - center  # where the volume starts inside the patch
     inside = tuple(slice(s, s + n) for s, n in zip(start, label.shape))
     outside = np.ones(patch_size, dtype=bool)

@@ -18,8 +18,8 @@ def picture(rows=37, columns=29):
 
 def write(tmp_path, storage, image=None):
     path = tmp_path / f"{storage}.dcm"
-    write_dicom(path, picture() if image is None else image, "patient-1", storage, view="PA", sex="F",
-                age=54, pixel_spacing_mm=0.4)
+    write_dicom(path, picture() if image is None else image, patient_id="patient-1", storage=storage, view="PA",
+                sex="F", age=54, pixel_spacing_mm=0.4)
     return path
 
 

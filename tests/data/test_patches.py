@@ -51,7 +51,8 @@ def cache_dir(tmp_path):
 
 def _dataset(cache_dir, augment=None, patch_size=(9, 15, 13), case_ids=CASE_IDS, foreground_share=0.5):
     augment = augment if augment is not None else Augment3DConfig()
-    return PatchDataset(cache_dir, list(case_ids), patch_size, 8, foreground_share, augment, seed=7)
+    return PatchDataset(cache_dir, list(case_ids), patch_size=patch_size, samples_per_epoch=8,
+                        foreground_share=foreground_share, augment=augment, seed=7)
 
 
 def test_foreground_centres_come_at_the_configured_rate():
@@ -186,7 +187,8 @@ def test_one_process_draws_the_keys_and_patches_it_always_drew(cache_dir):
         sampler.set_epoch(epoch)
         keys = list(sampler)
         assert keys == [(epoch, index) for index in range(21)]
-        dataset = PatchDataset(cache_dir, list(CASE_IDS), (9, 15, 13), 21, 0.33, Augment3DConfig.none(), seed=7)
+        dataset = PatchDataset(cache_dir, list(CASE_IDS), patch_size=(9, 15, 13), samples_per_epoch=21,
+                               foreground_share=0.33, augment=Augment3DConfig.none(), seed=7)
         for key in keys[:12]:
             sample = dataset[key]
             digest.update(sample["label"].numpy().tobytes())

@@ -118,7 +118,8 @@ def test_dataset_items_are_normalised_and_augmentation_reproducible():
     item = plain[1]
     assert item["image"].shape == (1, 19, 19) and item["label"] == 1 and item["index"] == 3
     np.testing.assert_allclose(item["image"][0].numpy(), (images[3] - 100.0) / 50.0, rtol=1e-6)
-    augmented = ChestXrayDataset(images, labels, [1, 3], 100.0, 50.0, Augment2DConfig(), 0.8, seed=3)
+    augmented = ChestXrayDataset(images, labels, [1, 3], mean=100.0, std=50.0, augment=Augment2DConfig(),
+                                 crop_min_area=0.8, seed=3)
     first, again, other = augmented[(2, 5, 0)], augmented[(2, 5, 0)], augmented[(2, 6, 0)]
     assert first["index"] == 1 and first["image"].shape == (1, 19, 19)
     assert np.array_equal(first["image"], again["image"]) and not np.array_equal(first["image"], other["image"])
@@ -129,7 +130,7 @@ def test_dataset_pickles_the_cache_path_not_the_images(phantom, tmp_path):
 
     patients = read_rsna_dataset(phantom)
     images, _ = cache_images(phantom, patients, (16, 16), tmp_path)
-    dataset = ChestXrayDataset(images, [p.label for p in patients], [0, 2], 120.0, 40.0)
+    dataset = ChestXrayDataset(images, [p.label for p in patients], [0, 2], mean=120.0, std=40.0)
     copy = pickle.loads(pickle.dumps(dataset))
     assert len(pickle.dumps(dataset)) < images.nbytes
     np.testing.assert_array_equal(copy[1]["image"], dataset[1]["image"])

@@ -174,7 +174,7 @@ def test_write_msd_dataset_multichannel_with_test_cases(tmp_path):
     affine = np.diag([1.5, 1.5, 3.0, 1.0])
     image = rng.standard_normal((7, 6, 5, 2)).astype(np.float32)
     label = rng.integers(0, 3, size=(7, 6, 5)).astype(np.uint8)
-    root = write_msd_dataset(tmp_path / "Task02", "Phantom", "two channels",
+    root = write_msd_dataset(tmp_path / "Task02", name="Phantom", description="two channels",
                              modality={0: "cine", 1: "T2"}, labels={0: "background", 1: "a"},
                              cases=[("case_0", image, label, affine)], tensor_image_size="4D",
                              test_cases=[("case_1", image, None, affine)])
@@ -187,5 +187,5 @@ def test_write_msd_dataset_multichannel_with_test_cases(tmp_path):
     np.testing.assert_array_equal(
         np.asanyarray(nib.load(root / "labelsTr" / "case_0.nii.gz").dataobj), label)
     with pytest.raises(ValueError, match="channels"):
-        write_msd_dataset(tmp_path / "bad", "Phantom", "", modality={0: "CT"}, labels={0: "bg"},
+        write_msd_dataset(tmp_path / "bad", name="Phantom", description="", modality={0: "CT"}, labels={0: "bg"},
                           cases=[("case_0", image, label, affine)], tensor_image_size="4D")

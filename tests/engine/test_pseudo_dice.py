@@ -136,8 +136,8 @@ def cache_entry(tmp_path_factory):
             label[5:7, 6:8, 3:5] = 2
         image = rng.normal(0, 20, label.shape).astype(np.float32) + 100 * label
         cases.append((case_id, image, label, np.diag([1.5, 1.5, 2.0, 1.0])))
-    write_msd_dataset(root / "Task03", "Liver", "test", {0: "CT"}, {0: "background", 1: "liver", 2: "cancer"},
-                      cases)
+    write_msd_dataset(root / "Task03", name="Liver", description="test", modality={0: "CT"},
+                      labels={0: "background", 1: "liver", 2: "cancer"}, cases=cases)
     dataset = read_msd_dataset(root / "Task03")
     case_ids = [case.case_id for case in dataset.cases]
     plan = plan_preprocessing(dataset, case_ids, target_spacing=(2.0, 1.5, 1.5), workers=1)

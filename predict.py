@@ -226,7 +226,7 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
-def score_case(mask: np.ndarray, image: Volume, labels_dir: Path, case_id: str, label_names: dict[int, str],
+def score_case(mask: np.ndarray, image: Volume, *, labels_dir: Path, case_id: str, label_names: dict[int, str],
                tolerance_mm: float) -> dict[str, float]:
     """Dice, HD95, NSD and volume difference of each class of ``mask`` (on ``image``'s canonical
     grid) against ``labels_dir/<case_id>.nii[.gz]`` (or, for nnU-Net's ``<case>_0000``, against
@@ -252,7 +252,7 @@ def score_case(mask: np.ndarray, image: Volume, labels_dir: Path, case_id: str, 
     return scores
 
 
-def predict_segmentations(checkpoints: list[dict], paths: list[str], task: str, input_path: Path, output: Path,
+def predict_segmentations(checkpoints: list[dict], paths: list[str], input_path: Path, output: Path, *, task: str,
                           tta: bool, keep_largest_component: bool, device: torch.device,
                           amp_dtype: torch.dtype | None, labels_dir: Path | None = None,
                           tolerance_mm: float = 2.0, window_batch_size: int | None = None) -> list[dict]:
@@ -307,7 +307,8 @@ def predict_segmentations(checkpoints: list[dict], paths: list[str], task: str, 
         volumes = {plan.labels[k]: float(np.count_nonzero(mask == k) * voxel_ml) for k in foreground}
         rows.append({"case": case_id, "mask": output / case.name, "volumes_ml": volumes})
         if labels_dir is not None:
-            rows[-1]["scores"] = score_case(mask, volume, labels_dir, case_id, plan.labels, tolerance_mm)
+            rows[-1]["scores"] = score_case(mask, volume, labels_dir=labels_dir, case_id=case_id,
+                                              label_names=plan.labels, tolerance_mm=tolerance_mm)
             write_scores(output / "scores.csv", rows)
         # Rewritten after every case, so a long batch stopped midway keeps the volumes of what it wrote.
         write_csv(output / "volumes.csv", ["case", *(volume_column(plan.labels[k]) for k in foreground)],
@@ -330,7 +331,7 @@ def film_size(checkpoint: dict) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def predict_radiographs(checkpoints: list[dict], paths: list[str], input_path: Path, output: Path,
+def predict_radiographs(checkpoints: list[dict], paths: list[str], input_path: Path, output: Path, *,
                         device: torch.device, amp_dtype: torch.dtype | None) -> list[dict]:
     """Probability, decision and class activation map of every DICOM film; returns one dict per film."""
     image_size = film_size(checkpoints[0])
@@ -390,12 +391,13 @@ def main(argv: list[str]) -> list[dict]:
         tqdm.write("warning: this CPU has no native bf16 kernels, so bf16 autocast runs far slower than fp32 here")
     input_path, output = Path(args.input), Path(args.output)
     if task in CLASSIFICATION_TASKS:
-        rows = predict_radiographs(checkpoints, args.checkpoint, input_path, output, device, amp_dtype)
+        rows = predict_radiographs(checkpoints, args.checkpoint, input_path, output, device=device,
+                                   amp_dtype=amp_dtype)
     else:
-        rows = predict_segmentations(checkpoints, args.checkpoint, task, input_path, output, args.tta,
-                                     args.keep_largest_component, device, amp_dtype,
-                                     Path(args.labels) if args.labels else None, args.nsd_tolerance_mm,
-                                     window_batch_size=args.window_batch_size)
+        rows = predict_segmentations(checkpoints, args.checkpoint, input_path, output, task=task, tta=args.tta,
+                                     keep_largest_component=args.keep_largest_component, device=device,
+                                     amp_dtype=amp_dtype, labels_dir=Path(args.labels) if args.labels else None,
+                                     tolerance_mm=args.nsd_tolerance_mm, window_batch_size=args.window_batch_size)
     tqdm.write(f"{task}: {len(rows)} prediction(s) written to {output}")
     return rows
 

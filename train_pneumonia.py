@@ -159,7 +159,7 @@ def validate(model, loader, *, device: torch.device, amp_dtype: torch.dtype | No
     return {"metrics": metrics, "probabilities": probabilities, "indices": indices}
 
 
-def score_activation_maps(model, dataset: ChestXrayDataset, validation: dict, patients, images,
+def score_activation_maps(model, dataset: ChestXrayDataset, validation: dict, *, patients, images,
                           source_shapes, config: Config, device: torch.device) -> tuple[dict, list[dict]]:
     """CAM for every positive validation image: the mean share of its mass inside the boxes
     (``cam_in_box``) beside the boxes' area share (what a uniform map scores), the share of images
@@ -320,8 +320,8 @@ def main(argv: list[str]) -> dict:
         validation = validate(model, val_loader, device=device, amp_dtype=amp_dtype, logger=logger,
                               epoch=config.epochs - 1)
     metrics = dict(validation["metrics"])
-    cam_scores, overlays = score_activation_maps(model, val_data, validation, patients, images, source_shapes,
-                                                 config, device)
+    cam_scores, overlays = score_activation_maps(model, val_data, validation, patients=patients, images=images,
+                                                 source_shapes=source_shapes, config=config, device=device)
     metrics.update(cam_scores)
     # The results first: the pictures below are optional, and none of them may cost the run its metrics.
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

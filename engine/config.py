@@ -99,6 +99,10 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _parse_optional_bool(text: str) -> bool | None:
+    return None if text.lower() in ("none", "auto") else parse_bool(text)
+
+
 # How a field's annotation turns into an argparse ``type`` and a value hint for --help.
 _PARSERS = {
     int: (int, "INT"),
@@ -129,10 +133,13 @@ def build_parser(config_class: type, description: str) -> argparse.ArgumentParse
         annotation = hints[field.name]
         if dataclasses.is_dataclass(annotation):
             continue  # a group of settings (e.g. augmentation): edited in config.json, passed with --config
-        if annotation is bool:
-            # `--amp` switches on, `--amp false` switches off again (useful over a saved config).
-            parser.add_argument(flag, dest=field.name, nargs="?", const=True, type=parse_bool,
-                                metavar="BOOL", help=help_text)
+        if annotation is bool or annotation == bool | None:
+            # `--amp` switches on, `--amp false` switches off again (useful over a saved config);
+            # an optional one also takes `auto` (planned).
+            optional = annotation != bool
+            parser.add_argument(flag, dest=field.name, nargs="?", const=True,
+                                type=_parse_optional_bool if optional else parse_bool,
+                                metavar="BOOL|auto" if optional else "BOOL", help=help_text)
         else:
             parse, metavar = _PARSERS[annotation]
             parser.add_argument(flag, dest=field.name, type=parse, metavar=metavar, help=help_text)

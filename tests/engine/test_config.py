@@ -151,3 +151,15 @@ def test_a_recipe_sets_its_fields_below_explicit_flags_and_above_a_saved_config(
         recipe="nnunet", optimizer="sgd", lr=0.01, epochs=2)
     with pytest.raises(SystemExit, match="--recipe fast: choose default, nnunet"):
         parse("--recipe", "fast")
+
+
+def test_an_optional_switch_takes_true_false_or_auto():
+    @dataclass
+    class Planned:
+        keep_largest_component: bool | None = None  # planned when auto
+
+    parser = build_parser(Planned, "toy")
+    for argv, value in ((["--keep-largest-component"], True), (["--keep-largest-component", "false"], False),
+                        (["--keep-largest-component", "auto"], None)):
+        assert vars(parser.parse_args(argv)) == {"keep_largest_component": value}
+    assert "BOOL|auto" in parser.format_help()

@@ -79,10 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action="store_true",
                         help="test-time mirroring: average the predictions of every flip along the axes the "
                              "model was trained to flip (2^axes times slower; no effect on pneumonia)")
-    parser.add_argument("--keep-largest-component", action="store_true",
-                        help="keep the largest connected component, as the recipe's validation does: of the "
-                             "whole foreground for liver3d (tumours inside the liver survive), of each class "
-                             "for atrium and lung")
+    parser.add_argument("--keep-largest-component", nargs="?", const=True, default=None, type=parse_bool,
+                        metavar="BOOL",
+                        help="keep the largest connected component: of the whole foreground for liver3d "
+                             "(tumours inside the liver survive), of each class for atrium and lung "
+                             "(default: as the checkpoint's validation did)")
     parser.add_argument("--window-batch-size", type=int, metavar="N",
                         help="3D only: sliding windows per forward pass (default: on a GPU about 2^23 voxels' "
                              "worth, e.g. 4 windows of 128^3, at most 32; 2 on a CPU); lower it if the GPU runs "
@@ -390,12 +391,14 @@ def main(argv: list[str]) -> list[dict]:
     if amp_dtype == torch.bfloat16 and device.type == "cpu" and not has_fast_cpu_bf16():
         tqdm.write("warning: this CPU has no native bf16 kernels, so bf16 autocast runs far slower than fp32 here")
     input_path, output = Path(args.input), Path(args.output)
+    keep_largest_component = (bool(trained.get("keep_largest_component")) if args.keep_largest_component is None
+                              else args.keep_largest_component)
     if task in CLASSIFICATION_TASKS:
         rows = predict_radiographs(checkpoints, args.checkpoint, input_path, output, device=device,
                                    amp_dtype=amp_dtype)
     else:
         rows = predict_segmentations(checkpoints, args.checkpoint, input_path, output, task=task, tta=args.tta,
-                                     keep_largest_component=args.keep_largest_component, device=device,
+                                     keep_largest_component=keep_largest_component, device=device,
                                      amp_dtype=amp_dtype, labels_dir=Path(args.labels) if args.labels else None,
                                      tolerance_mm=args.nsd_tolerance_mm, window_batch_size=args.window_batch_size)
     tqdm.write(f"{task}: {len(rows)} prediction(s) written to {output}")

@@ -16,6 +16,7 @@ whole-volume validation -> metrics.json.
 """
 
 import dataclasses
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from engine.logging import RunLogger
 from engine.metrics import metric_key, surface_scores
 from engine.optim import build_optimizer
 from engine.pictures import foreground_slice_index, overlay_slice
-from engine.postprocess import keep_largest_foreground
+from engine.postprocess import keep_largest_foreground, largest_foreground_share
 from engine.pseudo_dice import ValidationPatch, draw_validation_patches, pseudo_dice, read_validation_patches
 from engine.results import write_metrics
 from engine.runtime import start_run
@@ -102,7 +103,7 @@ class Config:
     overlap: float = 0.5  # sliding-window overlap between neighbouring windows (fraction of the patch)
     window_batch_size: int | None = None  # windows (and pseudo-Dice patches) per forward pass at validation; none = ~2^23 voxels on a GPU (4 windows of 128^3), 2 on a CPU
     tta: bool = False  # mirroring test-time augmentation at the final validation, along the axes training flips (augment.mirror_axes; all three: 8x slower)
-    keep_largest_component: bool = False  # keep the largest connected foreground component (one organ, e.g. liver)
+    keep_largest_component: bool | None = None  # keep the largest connected foreground piece (all classes together) at validation; auto: on when in every training label it holds at least 99% of the foreground (one organ: liver, heart, atrium)
     nsd_tolerance_mm: float = 2.0  # normalised surface Dice counts boundary voxels within this distance as correct
     # hardware and reproducibility
     device: str = "auto"  # auto (cuda, then mps, then cpu), cuda, cuda:1, mps or cpu
@@ -169,6 +170,34 @@ def prepare_data(config: Config, logger: RunLogger, *, resume: str | None = None
                 f"{len(dataset.modality)} channel(s), classes {dataset.labels}, "
                 f"spacing {plan.target_spacing} mm, cache {entry}")
     return dataset, plan, entry, train_ids, val_ids
+
+
+# A training label whose largest foreground piece holds less than this share has a target in several
+# pieces (both kidneys, several nodules), and the largest-piece post-processing would delete real ones.
+ONE_PIECE_SHARE = 0.99
+
+
+def plan_postprocessing(config: Config, entry: Path, train_ids: list[str], logger: RunLogger) -> Config:
+    """The config with ``keep_largest_component`` resolved: as given, or planned from the training
+    labels (never the validation ones): on when the largest connected foreground piece holds at least
+    ONE_PIECE_SHARE of the foreground in every one of them. The shares are cached in the entry."""
+    if config.keep_largest_component is not None:
+        return config
+    cache = entry / "largest_foreground_share.json"
+    shares = json.loads(cache.read_text()) if cache.is_file() else {}
+    missing = [case_id for case_id in train_ids if case_id not in shares]
+    for case_id in missing:
+        shares[case_id] = largest_foreground_share(load_preprocessed_case(entry, case_id).label)
+    if missing and rank_and_world_size()[0] == 0:
+        temporary = cache.with_suffix(".tmp")
+        temporary.write_text(json.dumps(shares, indent=1, sort_keys=True))
+        temporary.replace(cache)
+    smallest = min(train_ids, key=lambda case_id: shares[case_id])
+    keep = shares[smallest] >= ONE_PIECE_SHARE
+    logger.info(f"post-processing: {'keep' if keep else 'no'} largest foreground piece (planned: the largest "
+                f"piece holds {100 * shares[smallest]:.1f}% of the foreground in {smallest}, the least of "
+                f"{len(train_ids)} training labels; on from {100 * ONE_PIECE_SHARE:.0f}%)")
+    return dataclasses.replace(config, keep_largest_component=keep)
 
 
 def median_shape(entry: Path, case_ids: list[str]) -> tuple[float, ...]:
@@ -293,6 +322,8 @@ def main(argv: list[str]) -> dict:
         config = dataclasses.replace(config, strides=((2, 2, 2),), kernel_sizes=((3, 3, 3),))
     # Every case, as for the spacing: the folds of one dataset then train the same network.
     config = plan_network(config, plan.target_spacing, median_shape(entry, train_ids + val_ids), logger)
+    with main_process_first():  # rank 0 caches the label statistics, the others read them
+        config = plan_postprocessing(config, entry, train_ids, logger)
     if rank == 0:
         save_config(config, out / "config.json")
     train_data = PatchDataset(entry, train_ids, patch_size=config.patch_size,

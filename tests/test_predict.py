@@ -381,3 +381,20 @@ def test_a_checkpoint_from_before_planned_networks_builds_the_uniform_network(li
     scan = oblique_scan(cache_dir, "LiverPhantom", np.s_[:23, 1:22, 3:36], affine, tmp_path / "in" / "ct_5.nii.gz")
     predict.main(["--checkpoint", str(tmp_path / "old.pt"), "--input", str(scan), "--output", str(tmp_path / "out")])
     assert_same_geometry(tmp_path / "out" / "ct_5.nii.gz", scan)
+
+
+@pytest.mark.parametrize("saved, flags, kept", [(True, [], True), (False, [], False),
+                                                (True, ["--keep-largest-component", "false"], False),
+                                                (False, ["--keep-largest-component"], True)])
+def test_post_processing_follows_the_checkpoint_unless_a_flag_says_otherwise(liver_checkpoint, cache_dir, tmp_path,
+                                                                            monkeypatch, saved, flags, kept):
+    state = load_checkpoint(liver_checkpoint)
+    state["config"]["keep_largest_component"] = saved
+    save_checkpoint(state, tmp_path / "run.pt")
+    calls = []
+    monkeypatch.setattr(predict, "keep_largest_foreground", lambda prediction: calls.append(1) or prediction)
+    scan = oblique_scan(cache_dir, "LiverPhantom", np.s_[:23, 1:22, 3:36], np.diag([-2.0, -2.0, 3.0, 1.0]),
+                        tmp_path / "in" / "ct_1.nii.gz")
+    predict.main(["--checkpoint", str(tmp_path / "run.pt"), "--input", str(scan), "--output", str(tmp_path / "out"),
+                  "--device", "cpu", *flags])
+    assert bool(calls) is kept

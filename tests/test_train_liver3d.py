@@ -378,3 +378,42 @@ def train_keeping_each_rank_weights(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     train_keeping_each_rank_weights(sys.argv[1:])
+
+
+def write_pieces_task(root: Path, second_piece_in: set[str]) -> Path:
+    """Four cases; each label is one box, plus a second box apart from it in ``second_piece_in``."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for i in range(4):
+        label = np.zeros((12, 16, 16), np.uint8)
+        label[2:8, 2:8, 2:8] = 1
+        if f"kidney_{i}" in second_piece_in:
+            label[2:8, 10:15, 10:15] = 1
+        image = rng.normal(0, 1, (12, 16, 16)).astype(np.float32) + 3 * label
+        cases.append((f"kidney_{i}", image, label, np.eye(4)))
+    return write_msd_dataset(root, name="Kidney", description="boxes", modality={0: "MRI"},
+                             labels={0: "background", 1: "kidney"}, cases=cases)
+
+
+@pytest.mark.parametrize("second_piece_in, planned", [(set(), True), ({"kidney_3"}, True), ({"kidney_1"}, False)])
+def test_largest_piece_post_processing_is_planned_from_the_training_labels_alone(tmp_path, second_piece_in, planned):
+    root = write_pieces_task(tmp_path / "task", second_piece_in)
+    splits = tmp_path / "splits_final.json"
+    splits.write_text(json.dumps([{"train": ["kidney_0", "kidney_1", "kidney_2"], "val": ["kidney_3"]}]))
+    config = train_liver3d.Config(data_dir=str(root), cache_dir=str(tmp_path / "cache"), splits_file=str(splits),
+                                  fold=0, workers=0)
+    _, _, entry, train_ids, _ = train_liver3d.prepare_data(config, Silent())
+    assert train_liver3d.plan_postprocessing(config, entry, train_ids, Silent()).keep_largest_component is planned
+    # A given setting wins, and a second start reads the shares cached in the entry.
+    explicit = dataclasses.replace(config, keep_largest_component=not planned)
+    assert train_liver3d.plan_postprocessing(explicit, entry, train_ids, Silent()).keep_largest_component is not planned
+    assert set(json.loads((entry / "largest_foreground_share.json").read_text())) == set(train_ids)
+
+
+def test_the_planned_post_processing_is_saved_with_the_run(tmp_path):
+    root = write_pieces_task(tmp_path / "task", set())  # one piece each: planned on
+    train_liver3d.main(["--data-dir", str(root), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+                        "--patch-size", "8,16,16", "--base-channels", "4", "--depth", "2", "--epochs", "1",
+                        "--steps-per-epoch", "1", "--workers", "0", "--val-fraction", "0.25"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["keep_largest_component"] is True
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["keep_largest_component"] is True

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from engine.postprocess import keep_largest_component_per_class, keep_largest_foreground
 
@@ -33,3 +34,15 @@ def test_largest_component_per_class_keeps_one_structure():
     label = _ball((12, 12, 12), (4, 4, 4), 3) + _ball((12, 12, 12), (10, 10, 10), 1)
     kept = keep_largest_component_per_class(label, 2)
     np.testing.assert_array_equal(kept, _ball((12, 12, 12), (4, 4, 4), 3))
+
+
+def test_largest_foreground_share_counts_all_classes_as_one_foreground():
+    from engine.postprocess import largest_foreground_share
+
+    label = np.zeros((6, 10, 10), np.uint8)
+    assert largest_foreground_share(label) == 1.0  # no foreground: nothing to lose
+    label[1:4, 1:4, 1:4] = 1  # 27 voxels
+    label[1:4, 4:5, 1:4] = 2  # 9 voxels touching them: the same piece
+    assert largest_foreground_share(label) == 1.0
+    label[1:4, 8:10, 8:10] = 1  # 12 voxels apart
+    assert largest_foreground_share(label) == pytest.approx(36 / 48)

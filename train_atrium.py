@@ -70,7 +70,7 @@ class Config:
     norm: str = "instance"  # instance (nnU-Net; computed by nn.InstanceNorm2d on CUDA, nn.GroupNorm elsewhere: the faster there), instance_norm or group_norm (force one), or batch
     memory_format: str = "auto"  # layout of activations: auto (contiguous on CUDA and MPS, channels_last on the CPU), channels_last or contiguous
     upsample: str = "transpose"  # transpose (nnU-Net) or interpolate (bilinear + conv)
-    loss: str = "dice"  # dice (batch soft Dice), bce or bce_dice
+    loss: str = "auto"  # auto (batch soft Dice for one class, cross-entropy + Dice for several), dice, bce or bce_dice
     # optimisation
     optimizer: str = "adamw"  # adamw or sgd (Nesterov, nnU-Net)
     lr: float = 1e-3  # initial learning rate (~1e-3 suits AdamW; nnU-Net: 0.01 with SGD)
@@ -138,8 +138,9 @@ def main(argv: list[str]) -> dict:
                  base_channels=config.base_channels, depth=config.depth, max_channels=config.max_channels,
                  norm=norm, upsample=config.upsample)
     model = model.to(device, memory_format=memory_format)
-    # Loss (--loss, losses/by_name.py): batch soft Dice by default; bce and bce_dice are the others.
+    # Loss (--loss, losses/by_name.py): batch soft Dice for the atrium, cross-entropy + Dice for several classes.
     loss_fn = build_loss(config.loss, outputs)
+    logger.info(f"loss {type(loss_fn).__name__} (--loss {config.loss}, {outputs} output channel(s))")
     # Optimizer and schedule (--optimizer, --schedule): AdamW, linear warm-up then cosine, stepped every batch.
     optimizer, scheduler = build_optimizer(model.parameters(), config.optimizer, lr=config.lr,
                                            momentum=config.momentum, weight_decay=config.weight_decay,

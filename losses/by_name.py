@@ -6,12 +6,13 @@ from torch import nn
 from losses.bce import BCEDiceLoss, BCELoss
 from losses.dice import DiceCELoss, DiceLoss
 
-LOSSES = ("dice", "bce", "bce_dice")
+LOSSES = ("auto", "dice", "bce", "bce_dice")
 
 
 def build_loss(name: str, outputs: int) -> nn.Module:
     """`dice` (soft Dice over the batch), `bce` (binary cross-entropy) or `bce_dice` (their sum; with
-    several classes, cross-entropy + Dice).
+    several classes, cross-entropy + Dice); `auto` is `dice` for one sigmoid logit and `bce_dice` for
+    several classes, where Dice alone lets a thin class stall (ACDC's myocardium, README "Real data").
 
     Args:
         name: one of ``LOSSES``.
@@ -20,6 +21,8 @@ def build_loss(name: str, outputs: int) -> nn.Module:
     """
     if name not in LOSSES:
         raise SystemExit(f"--loss {name}: choose one of {', '.join(LOSSES)}")
+    if name == "auto":
+        name = "dice" if outputs == 1 else "bce_dice"
     if outputs == 1:
         # Batch Dice: a slice without the finding would otherwise score 0 however small its error.
         return {"dice": lambda: DiceLoss(batch_dice=True, activation="sigmoid"), "bce": BCELoss,

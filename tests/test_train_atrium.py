@@ -109,3 +109,12 @@ def test_torchrun_two_cpu_processes_share_the_epoch_and_rank_zero_alone_writes(t
     assert [r["epoch"] for r in log] == [0, 1]  # one process logged
     assert all(r["steps"] == 1 for r in log)  # 8 slices per epoch = 2 processes x 1 batch of 4
     assert 0 <= json.loads((out / "metrics.json").read_text())["dice"] <= 1
+
+
+def test_several_classes_train_with_cross_entropy_plus_dice_by_default():
+    from engine.config import parse_config
+    from losses import DiceCELoss, DiceLoss, build_loss
+
+    config, _ = parse_config(train_atrium.Config, ["--data-dir", "/data/Task27_ACDC"], "", train_atrium.SYNTHETIC_PROFILE)
+    assert type(build_loss(config.loss, 4)) is DiceCELoss  # Dice alone stalled ACDC's myocardium
+    assert type(build_loss(config.loss, 1)) is DiceLoss  # the atrium: as measured before

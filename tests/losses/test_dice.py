@@ -120,3 +120,10 @@ def test_loss_is_float32_under_bfloat16_autocast(loss_fn):
     assert loss.dtype == torch.float32
     expected = loss_fn(logits.float(), target)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_the_auto_loss_is_dice_for_one_logit_and_cross_entropy_plus_dice_for_several_classes():
+    from losses import DiceCELoss, DiceLoss, build_loss
+
+    assert type(build_loss("auto", 1)) is DiceLoss
+    assert type(build_loss("auto", 4)) is DiceCELoss

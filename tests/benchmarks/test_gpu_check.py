@@ -5,6 +5,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,7 +95,8 @@ def test_a_part_that_fails_or_overruns_is_flagged_and_the_others_still_run(tmp_p
     assert parts["late"]["status"] == "skipped" and "left of the time limit" in parts["late"]["error"]
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| slow part | measured before the budget ran out | 1 s |  | - |" in table
-    assert "| slow part | status | timed out: stopped after its budget of 3 s | ok | no |" in table
+    # Its budget is 3 s, or what is left of the 4 s limit when the forked parts before it were slow.
+    assert re.search(r"\| slow part \| status \| timed out: stopped after its budget of [1-3] s \| ok \| no \|", table)
     assert "| broken part | status | failed: RuntimeError: broken on purpose | ok | no |" in table
     assert "| fine part | a figure | 42 |  | - |" in table
     assert json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["fine"]["rows"][0]["measured"] == "42"

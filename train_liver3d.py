@@ -17,6 +17,7 @@ whole-volume validation -> metrics.json.
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -86,9 +87,9 @@ class Config:
     upsample: str = "transpose"  # transpose (nnU-Net) or interpolate (trilinear + conv)
     deep_supervision: bool = True  # extra losses on the coarser decoder outputs (nnU-Net)
     # optimisation
-    recipe: str = "default"  # default (the settings below: AdamW, warm-up, cosine) or nnunet (SGD lr 0.01, Nesterov momentum 0.99, poly schedule, as nnU-Net); explicit flags override either
+    recipe: str = "default"  # default (the settings below: AdamW, warm-up, cosine, lr planned from the budget) or nnunet (SGD lr 0.01, Nesterov momentum 0.99, poly schedule, as nnU-Net); explicit flags override either
     optimizer: str = "adamw"  # adamw (learns in hundreds of steps; measured on real MRI in the README) or sgd (Nesterov, nnU-Net)
-    lr: float = 3e-3  # initial learning rate (after warm-up); nnU-Net's SGD uses 0.01
+    lr: float | None = None  # initial learning rate (after warm-up); none: planned, SGD 0.01 (nnU-Net), AdamW 3e-3 for up to 500 optimizer steps and 3e-3 x sqrt(500 / steps) beyond, at least 3e-4
     momentum: float = 0.99  # SGD only: Nesterov momentum (nnU-Net)
     weight_decay: float = 1e-4  # AdamW's decoupled weight decay (nnU-Net's SGD: 3e-5 L2)
     schedule: str = "cosine"  # cosine (linear warm-up, then half a cosine to 0) or poly (nnU-Net: lr*(1-t)^0.9)
@@ -198,6 +199,26 @@ def plan_postprocessing(config: Config, entry: Path, train_ids: list[str], logge
                 f"piece holds {100 * shares[smallest]:.1f}% of the foreground in {smallest}, the least of "
                 f"{len(train_ids)} training labels; on from {100 * ONE_PIECE_SHARE:.0f}%)")
     return dataclasses.replace(config, keep_largest_component=keep)
+
+
+# AdamW's planned learning rate: ADAMW_LR up to ADAMW_LR_STEPS optimizer steps (measured on real MRI at
+# 500 steps), then falling as 1 / sqrt(steps) (2,000 steps: 1.5e-3, measured in the README), never below
+# ADAMW_MIN_LR (the Adam learning rate nnU-Net's variants train 250,000 steps with). SGD: nnU-Net's 0.01.
+ADAMW_LR, ADAMW_LR_STEPS, ADAMW_MIN_LR = 3e-3, 500, 3e-4
+SGD_LR = 0.01
+
+
+def plan_learning_rate(config: Config, total_steps: int, logger: RunLogger) -> Config:
+    """The config with ``lr`` resolved: as given, or planned from the optimizer and ``total_steps``,
+    the optimizer steps of one process (under torchrun fewer, of larger batches)."""
+    if config.lr is not None:
+        return config
+    if config.optimizer == "sgd":
+        lr = SGD_LR
+    else:
+        lr = max(ADAMW_MIN_LR, ADAMW_LR * math.sqrt(min(1.0, ADAMW_LR_STEPS / total_steps)))
+    logger.info(f"learning rate {lr:.3g} (planned for {config.optimizer} and {total_steps} optimizer steps)")
+    return dataclasses.replace(config, lr=lr)
 
 
 def median_shape(entry: Path, case_ids: list[str]) -> tuple[float, ...]:
@@ -324,8 +345,6 @@ def main(argv: list[str]) -> dict:
     config = plan_network(config, plan.target_spacing, median_shape(entry, train_ids + val_ids), logger)
     with main_process_first():  # rank 0 caches the label statistics, the others read them
         config = plan_postprocessing(config, entry, train_ids, logger)
-    if rank == 0:
-        save_config(config, out / "config.json")
     train_data = PatchDataset(entry, train_ids, patch_size=config.patch_size,
                               samples_per_epoch=config.steps_per_epoch * config.batch_size,
                               foreground_share=config.foreground_share, augment=config.augment, seed=config.seed)
@@ -335,6 +354,10 @@ def main(argv: list[str]) -> dict:
     sampler = EpochSampler(config.steps_per_epoch, config.batch_size, foreground_per_batch=foreground_per_batch,
                            num_replicas=world_size, rank=rank)
     loader = build_loader(train_data, sampler, batch_size=config.batch_size, workers=workers, device=device)
+    total_steps = config.epochs * sampler.batches_per_replica  # optimizer steps of this process
+    config = plan_learning_rate(config, total_steps, logger)
+    if rank == 0:
+        save_config(config, out / "config.json")
 
     # Model, loss, optimizer.
     norm, memory_format = resolve_norm(config.norm, device), resolve_memory_format(config.memory_format, device, 3)
@@ -349,7 +372,7 @@ def main(argv: list[str]) -> dict:
         loss_fn = DeepSupervisionLoss(loss_fn)
     optimizer, scheduler = build_optimizer(model.parameters(), config.optimizer, lr=config.lr,
                                            momentum=config.momentum, weight_decay=config.weight_decay,
-                                           schedule=config.schedule, total_steps=config.epochs * len(loader),
+                                           schedule=config.schedule, total_steps=total_steps,
                                            warmup_steps=config.warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 

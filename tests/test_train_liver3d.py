@@ -326,7 +326,8 @@ def test_real_data_defaults_are_the_measured_recipe_and_the_phantom_keeps_its_ow
                 config.foreground_share, config.foreground_sampling)
 
     # Measured on real MRI (README, Real data): AdamW with warm-up and cosine, foreground forced per batch.
-    assert settings("--data-dir", "/data/Task28") == ("adamw", 3e-3, 1e-4, "cosine", 50, 0.33, "per_batch")
+    # The learning rate is planned from the budget once the steps are known (None until then).
+    assert settings("--data-dir", "/data/Task28") == ("adamw", None, 1e-4, "cosine", 50, 0.33, "per_batch")
     assert settings("--data-dir", "/data/Task28", "--recipe", "nnunet") == (
         "sgd", 0.01, 3e-5, "poly", 0, 0.33, "per_batch")
     assert settings("--data-dir", "/data/Task28", "--recipe", "nnunet", "--lr", "0.02")[:2] == ("sgd", 0.02)
@@ -410,10 +411,28 @@ def test_largest_piece_post_processing_is_planned_from_the_training_labels_alone
     assert set(json.loads((entry / "largest_foreground_share.json").read_text())) == set(train_ids)
 
 
-def test_the_planned_post_processing_is_saved_with_the_run(tmp_path):
+def test_the_planned_post_processing_and_learning_rate_are_saved_with_the_run(tmp_path, monkeypatch):
     root = write_pieces_task(tmp_path / "task", set())  # one piece each: planned on
+    monkeypatch.setattr(train_liver3d, "ADAMW_LR_STEPS", 1)  # 4 steps then plan ADAMW_LR x sqrt(1 / 4)
     train_liver3d.main(["--data-dir", str(root), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
-                        "--patch-size", "8,16,16", "--base-channels", "4", "--depth", "2", "--epochs", "1",
-                        "--steps-per-epoch", "1", "--workers", "0", "--val-fraction", "0.25"])
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["keep_largest_component"] is True
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["keep_largest_component"] is True
+                        "--patch-size", "8,16,16", "--base-channels", "4", "--depth", "2", "--epochs", "2",
+                        "--steps-per-epoch", "2", "--workers", "0", "--val-fraction", "0.25"])
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    for config in (json.loads((tmp_path / "run" / "config.json").read_text()), checkpoint["config"]):
+        assert config["keep_largest_component"] is True
+        assert config["lr"] == pytest.approx(train_liver3d.ADAMW_LR / 2)
+    assert checkpoint["scheduler"]["base_lrs"] == [pytest.approx(train_liver3d.ADAMW_LR / 2)]  # what it trained with
+
+
+def test_the_learning_rate_is_planned_from_the_optimizer_and_the_budget():
+    def planned(total_steps, **fields):
+        config = train_liver3d.Config(data_dir="/data/Task28", **fields)
+        return train_liver3d.plan_learning_rate(config, total_steps, Silent()).lr
+
+    # AdamW: 3e-3 up to 500 steps (measured there), 1 / sqrt(steps) beyond, never below 3e-4.
+    assert planned(100) == planned(500) == 3e-3
+    assert planned(2000) == 1.5e-3  # exactly the value the README's 2,000-step runs were trained with
+    assert planned(8000) == pytest.approx(0.75e-3)
+    assert planned(250_000) == 3e-4
+    assert planned(2000, optimizer="sgd") == 0.01  # nnU-Net's, whatever the budget
+    assert planned(2000, lr=0.02) == 0.02  # a given rate wins

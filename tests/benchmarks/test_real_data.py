@@ -135,7 +135,7 @@ def test_a_variant_that_resolves_to_an_earlier_run_is_not_run_again(tmp_path, mo
     monkeypatch.setitem(real_data.VARIANTS, 3, {
         "ours": real_data.Variant("train_liver3d.py"),
         "nnunet": real_data.Variant("train_liver3d.py", ("--optimizer", default_optimizer)),  # the default again
-        "monai": real_data.Variant("train_liver3d.py", ("--lr", str(train_liver3d.Config.lr * 3))),
+        "monai": real_data.Variant("train_liver3d.py", ("--lr", "0.009")),
     })
     monkeypatch.setattr(real_data, "prepare_cache", lambda *args, **kwargs: (["a", "b"], ["c"]))
     started = []

@@ -16,7 +16,9 @@ split, so the reference trains and validates on exactly the cases and voxels the
 smaller than the patch are padded with each channel's minimum, as the recipes pad. Each validation case
 is scored whole by our metrics (`engine.metrics.dice_per_class`, `engine.surface_metrics`) on the
 preprocessed grid, into a `metrics.json` with the recipes' keys (`dice_<label>`, `dice_mean`,
-`hd95_<label>`, `nsd_<label>`). No post-processing.
+`hd95_<label>`, `nsd_<label>`) without post-processing, as the tutorial. `summary.json` adds the Dice
+of the same predictions with the recipes' post-processing (`engine.postprocess.keep_largest_foreground`,
+the largest connected foreground piece kept), to compare with a recipe run that keeps it.
 
 The budget is counted as the recipes count it: `--steps` optimizer steps of `--batch-size` patches
 (3D) or slices (2D), each drawn from a training case (slice) chosen uniformly with replacement.
@@ -31,7 +33,8 @@ for one foreground class (as MONAI's 2D tutorial), with a softmax over classes o
 
 Deterministic on the CPU for a seed and a number of workers (`monai.utils.set_determinism`, MONAI's
 per-worker transform seeds); prints the wall time. Writes `metrics.json`, `dice_per_case.csv` and
-`summary.json` (times, the split, the settings) into `--out`.
+`summary.json` (times, the split, the settings, the Dice with the largest piece kept) into `--out`, and
+the trained weights (`model.pt`, a state dict for `build_model`) before validation starts.
 """
 
 import dataclasses
@@ -56,6 +59,7 @@ from data.preprocess import load_preprocessed_case
 from engine.config import build_parser, config_from_dict
 from engine.inference import pad_to_patch
 from engine.logging import RunLogger
+from engine.postprocess import keep_largest_foreground
 from engine.metrics import dice_per_class, metric_key, surface_scores
 from engine.results import write_metrics
 from engine.runtime import pick_device
@@ -261,19 +265,27 @@ def validate(model, entry: Path, val_ids: list[str], *, labels: dict[int, str], 
     """Every validation case predicted whole and scored by our metrics, averaged as the recipes do."""
     model.eval()
     num_classes = len(labels)
-    per_case, surface = {}, {}
+    per_case, largest_piece, surface = {}, {}, {}
     for case_id in tqdm(val_ids, desc="validate", unit="case"):
         case = load_preprocessed_case(entry, case_id)
         prediction = predict_case(model, case.image, config=config, outputs=outputs, device=device)
         reference = np.asarray(case.label)
         per_case[case_id] = dice_per_class(prediction, reference, num_classes)
+        largest_piece[case_id] = dice_per_class(keep_largest_foreground(prediction), reference, num_classes)
         surface[case_id] = surface_metrics_per_class(prediction, reference, num_classes, spacing,
                                                      config.nsd_tolerance_mm)
+    scores = mean_dice(per_case, labels)
+    scores.update(surface_scores(mean_surface_metrics(surface), labels))
+    return {"scores": scores, "largest_piece_scores": mean_dice(largest_piece, labels), "per_case": per_case,
+            "surface_per_case": surface}
+
+
+def mean_dice(per_case: dict[str, list[float]], labels: dict[int, str]) -> dict[str, float]:
+    """Mean Dice over the cases per foreground class (the recipes' keys) and their mean."""
     classes = [k for k in sorted(labels) if k > 0]
     scores = {metric_key(labels[k]): float(np.mean([dice[k] for dice in per_case.values()])) for k in classes}
     scores["dice_mean"] = float(np.mean(list(scores.values())))
-    scores.update(surface_scores(mean_surface_metrics(surface), labels))
-    return {"scores": scores, "per_case": per_case, "surface_per_case": surface}
+    return scores
 
 
 def write_results(validation: dict, *, labels: dict[int, str], summary: dict, out: Path) -> None:
@@ -316,6 +328,8 @@ def main(argv: list[str]) -> dict:
 
     train_started = time.perf_counter()
     losses = train(model, loader, loss_fn, optimizer, device=device, steps=steps)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "model.pt")
     validation_started = time.perf_counter()
     validation = validate(model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing, config=config,
                           outputs=outputs, device=device)
@@ -328,6 +342,7 @@ def main(argv: list[str]) -> dict:
         "steps": steps,
         "batch_size": samples_per_step,
         "final_loss": float(np.mean(losses[-25:])),
+        "largest_piece_kept": validation["largest_piece_scores"],
         "train_cases": train_ids,
         "validation_cases": val_ids,
         "config": dataclasses.asdict(config),
@@ -335,6 +350,8 @@ def main(argv: list[str]) -> dict:
     write_results(validation, labels=dataset.labels, summary=summary, out=out)
     logger.record({"step": steps, "loss": summary["final_loss"], **validation["scores"]})
     logger.info("validation: " + ", ".join(f"{key} {value:.4f}" for key, value in validation["scores"].items()))
+    logger.info("with the largest foreground piece kept: " + ", ".join(
+        f"{key} {value:.4f}" for key, value in validation["largest_piece_scores"].items()))
     logger.info(f"wall time {summary['wall_time_s']:.1f} s (training {summary['train_time_s']:.1f} s, "
                 f"validation {summary['validation_time_s']:.1f} s)")
     logger.close()

@@ -4,11 +4,14 @@ are skipped without it; the flag checks do not."""
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
 import train_atrium
 import train_liver3d
 from benchmarks import reference_monai
+from data.preprocess import load_preprocessed_case
 from data.synthetic.heart import ensure_heart_phantom
 from data.synthetic.liver import ensure_liver_phantom
 from engine.logging import RunLogger
@@ -49,6 +52,36 @@ def test_3d_reference_scores_the_recipes_validation_cases_and_repeats(tmp_path, 
     assert (summary["train_cases"], summary["validation_cases"]) == (train_ids, val_ids)
     rows = (tmp_path / "first" / "dice_per_case.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in rows[1:]] == val_ids
+
+
+def test_3d_reference_keeps_its_weights_and_scores_the_largest_piece_too(tmp_path, cache_dir, monkeypatch):
+    """The weights are on disk before validation starts; summary.json adds the Dice of the same
+    predictions with the recipes' post-processing. Each prediction here is the case's own label plus a
+    one-voxel island in a background corner: Dice below 1 as predicted, exactly 1 with the piece kept."""
+    pytest.importorskip("monai")
+    data_dir = ensure_liver_phantom(cache_dir / "synthetic", num_cases=5, matrix=24)
+    cases = []
+
+    def load_and_remember(entry, case_id):
+        cases.append(load_preprocessed_case(entry, case_id))
+        return cases[-1]
+
+    def label_with_an_island(model, image, **_):
+        assert (tmp_path / "run" / "model.pt").is_file()  # saved before validation
+        prediction = np.array(cases[-1].label, dtype=np.uint8)
+        corner = tuple(0 if prediction[0, 0, 0] == 0 else -1 for _ in range(3))
+        assert prediction[corner] == 0 and prediction.max() > 0
+        prediction[corner] = 1
+        return prediction
+
+    monkeypatch.setattr(reference_monai, "load_preprocessed_case", load_and_remember)
+    monkeypatch.setattr(reference_monai, "predict_case", label_with_an_island)
+    metrics = run(data_dir, cache_dir, tmp_path / "run", "--patch-size", "32", "--batch-size", "1")
+    kept = json.loads((tmp_path / "run" / "summary.json").read_text())["largest_piece_kept"]
+    assert set(kept) == {"dice_liver", "dice_cancer", "dice_mean"}
+    assert metrics["dice_liver"] < 1 and kept["dice_liver"] == 1.0
+    model = reference_monai.build_model(reference_monai.parse_args(["--data-dir", str(data_dir)]), 1, 3)
+    model.load_state_dict(torch.load(tmp_path / "run" / "model.pt", weights_only=True))
 
 
 def test_2d_reference_on_slices(tmp_path, cache_dir):

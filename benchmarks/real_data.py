@@ -10,7 +10,8 @@ budget of N steps is run by the recipes as epochs x steps per epoch (`--epochs`,
 20 x 25), with `--val-every` = epochs, and by the reference as N steps. Each run is its own process
 (so the wall times are separate and include the process start and the whole validation); the cache is
 filled once beforehand, so no run's time includes the preprocessing. Prints one Markdown table (Dice
-per class, mean Dice, wall time, the exact command) and writes it as JSON to `OUT/real_data.json`;
+per class, mean Dice, whether only the largest foreground piece was kept, wall time, the exact command;
+the reference's predictions are scored both as they are and with that filter) and writes it as JSON to `OUT/real_data.json`;
 each run's folder is `OUT/<run>-seed<seed>` and its console output `OUT/logs/<run>-seed<seed>.log`.
 
 The MONAI reference (`benchmarks/reference_monai.py`) needs MONAI (`benchmarks/requirements-bench.txt`);
@@ -145,25 +146,35 @@ def format_duration(seconds: float) -> str:
 
 
 def format_table(runs: list[dict]) -> str:
-    """One Markdown row per run: its name, seed, the Dice of each class, the mean Dice, the wall time
-    and the command. A run without metrics says that it failed and with which exit status; a variant
-    that came to the same settings as an earlier run is named ``nnunet (= ours)`` and shows its results."""
+    """One Markdown row per run: its name, seed, the Dice of each class, the mean Dice, whether only the
+    largest foreground piece was kept, the wall time and the command. A run without metrics says that it
+    failed and with which exit status; a variant that came to the same settings as an earlier run is
+    named ``nnunet (= ours)`` and shows its results. The reference adds a row of the same predictions
+    with the largest piece kept (``monai, largest piece kept``)."""
     classes = []
     for run in runs:
         classes += [key for key in run.get("metrics", {})
                     if key.startswith("dice_") and key != "dice_mean" and key not in classes]
-    lines = ["| run | seed | " + " | ".join(classes + ["dice_mean", "wall time", "command"]) + " |",
-             "|---" * (len(classes) + 5) + "|"]
+    lines = ["| run | seed | " + " | ".join(classes + ["dice_mean", "largest piece kept", "wall time", "command"])
+             + " |", "|---" * (len(classes) + 6) + "|"]
+
+    def scores(metrics: dict) -> list[str]:
+        return [f"{metrics[key]:.4f}" if key in metrics else "-" for key in classes + ["dice_mean"]]
+
     for run in runs:
         metrics = run.get("metrics")
         if metrics is None:
-            scores = [f"failed (exit status {run['returncode']})"] + ["-"] * len(classes)
+            row = [f"failed (exit status {run['returncode']})"] + ["-"] * (len(classes) + 1)
         else:
-            scores = [f"{metrics[key]:.4f}" if key in metrics else "-" for key in classes + ["dice_mean"]]
+            kept = {True: "yes", False: "no"}.get(run.get("largest_piece"), "-")
+            row = [*scores(metrics), kept]
         command = "`" + shell_line(run["command"], run.get("environment", {})) + "`"
         name = f"{run['run']} (= {run['same_as']})" if "same_as" in run else run["run"]
         lines.append(f"| {name} | {run['seed']} | " + " | ".join(
-            [*scores, format_duration(run["wall_time_s"]), command]) + " |")
+            [*row, format_duration(run["wall_time_s"]), command]) + " |")
+        if "largest_piece_metrics" in run:
+            lines.append(f"| {run['run']}, largest piece kept | {run['seed']} | " + " | ".join(
+                [*scores(run["largest_piece_metrics"]), "yes", "(the run above)", "-"]) + " |")
     return "\n".join(lines)
 
 
@@ -190,10 +201,26 @@ def run_one(name: str, seed: int, command: list[str], *, environment: dict[str, 
     wall_time = time.perf_counter() - started
     result = {"run": name, "seed": seed, "command": command, "environment": environment, "wall_time_s": wall_time,
               "returncode": completed.returncode, "log": str(log_path)}
-    metrics_path = Path(command[command.index("--out") + 1]) / "metrics.json"
-    if completed.returncode == 0 and metrics_path.is_file():
-        result["metrics"] = json.loads(metrics_path.read_text())
+    folder = Path(command[command.index("--out") + 1])
+    if completed.returncode == 0 and (folder / "metrics.json").is_file():
+        result["metrics"] = json.loads((folder / "metrics.json").read_text())
+        result.update(post_processing(folder))
     return result
+
+
+def post_processing(folder: Path) -> dict:
+    """How a finished run's metrics were post-processed, from its folder: ``largest_piece`` (True when
+    only the largest foreground piece was kept: a recipe's planned ``keep_largest_component`` in its
+    config.json; False for the reference) and, for the reference, ``largest_piece_metrics``: its Dice
+    with that filter (summary.json), the figure to compare with a recipe run that kept the largest piece."""
+    found = {}
+    if (folder / "config.json").is_file():
+        found["largest_piece"] = bool(json.loads((folder / "config.json").read_text()).get("keep_largest_component"))
+    if (folder / "summary.json").is_file():
+        kept = json.loads((folder / "summary.json").read_text()).get("largest_piece_kept")
+        if kept is not None:
+            found.update(largest_piece=False, largest_piece_metrics=kept)
+    return found
 
 
 class ConsoleLogger:

@@ -90,13 +90,31 @@ def test_table_has_a_row_per_run_and_names_failures():
                                       "hd95_liver": 3.1}},
         {"run": "monai", "seed": 1, "command": ["benchmarks/reference_monai.py"], "wall_time_s": 41.6,
          "returncode": 1},
+        {"run": "monai", "seed": 2, "command": ["benchmarks/reference_monai.py"], "wall_time_s": 61.0,
+         "returncode": 0, "metrics": {"dice_liver": 0.8, "dice_cancer": 0.4, "dice_mean": 0.6},
+         "largest_piece": False, "largest_piece_metrics": {"dice_liver": 0.9, "dice_cancer": 0.4, "dice_mean": 0.65}},
     ]
+    runs[0]["largest_piece"] = True
     assert real_data.format_table(runs).splitlines() == [
-        "| run | seed | dice_liver | dice_cancer | dice_mean | wall time | command |",
-        "|---|---|---|---|---|---|---|",
-        "| ours | 0 | 0.9123 | 0.5000 | 0.7062 | 9 min 47 s | `OMP_NUM_THREADS=1 python train_liver3d.py --data-dir '/d x'` |",
-        "| monai | 1 | failed (exit status 1) | - | - | 42 s | `python benchmarks/reference_monai.py` |",
+        "| run | seed | dice_liver | dice_cancer | dice_mean | largest piece kept | wall time | command |",
+        "|---|---|---|---|---|---|---|---|",
+        "| ours | 0 | 0.9123 | 0.5000 | 0.7062 | yes | 9 min 47 s | `OMP_NUM_THREADS=1 python train_liver3d.py --data-dir '/d x'` |",
+        "| monai | 1 | failed (exit status 1) | - | - | - | 42 s | `python benchmarks/reference_monai.py` |",
+        "| monai | 2 | 0.8000 | 0.4000 | 0.6000 | no | 1 min 1 s | `python benchmarks/reference_monai.py` |",
+        "| monai, largest piece kept | 2 | 0.9000 | 0.4000 | 0.6500 | yes | (the run above) | - |",
     ]
+
+
+def test_post_processing_is_read_from_the_run_folder(tmp_path):
+    recipe, reference, failed = (tmp_path / name for name in ("recipe", "reference", "failed"))
+    for folder in (recipe, reference, failed):
+        folder.mkdir()
+    (recipe / "config.json").write_text(json.dumps({"keep_largest_component": True, "lr": 0.001}))
+    (reference / "summary.json").write_text(json.dumps({"largest_piece_kept": {"dice_mean": 0.7}, "steps": 2}))
+    assert real_data.post_processing(recipe) == {"largest_piece": True}
+    assert real_data.post_processing(reference) == {"largest_piece": False,
+                                                    "largest_piece_metrics": {"dice_mean": 0.7}}
+    assert real_data.post_processing(failed) == {}
 
 
 def test_flags_the_runner_refuses(capsys):
@@ -128,6 +146,8 @@ def test_runner_runs_our_recipe_and_reports_it(tmp_path, capsys):
     assert report["validation_cases"] == validated  # the split reported is the one the recipe validated on
     assert report["table"] in capsys.readouterr().out
     assert f"| ours | 0 | {recorded['dice_liver']:.4f} |" in report["table"]
+    kept = json.loads((out / "ours-seed0" / "config.json").read_text())["keep_largest_component"]
+    assert runs[0]["largest_piece"] is kept and f"| {'yes' if kept else 'no'} |" in report["table"]
 
 
 def test_a_variant_that_resolves_to_an_earlier_run_is_not_run_again(tmp_path, monkeypatch, capsys):
@@ -153,7 +173,7 @@ def test_a_variant_that_resolves_to_an_earlier_run_is_not_run_again(tmp_path, mo
     assert (nnunet["run"], nnunet["seed"], nnunet["same_as"], nnunet["metrics"]) == ("nnunet", 0, "ours",
                                                                                      runs[0]["metrics"])
     assert nnunet["command"][-2:] == ["--optimizer", default_optimizer]
-    assert "| nnunet (= ours) | 0 | 0.2500 | 0.5000 | 1 min 1 s |" in capsys.readouterr().out
+    assert "| nnunet (= ours) | 0 | 0.2500 | 0.5000 | - | 1 min 1 s |" in capsys.readouterr().out
 
 
 def test_recipe_settings_are_the_recipes_resolved_config():

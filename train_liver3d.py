@@ -86,6 +86,7 @@ class Config:
     memory_format: str = "auto"  # layout of activations: auto (contiguous on CUDA and MPS, channels_last on the CPU), channels_last or contiguous
     upsample: str = "transpose"  # transpose (nnU-Net) or interpolate (trilinear + conv)
     deep_supervision: bool = True  # extra losses on the coarser decoder outputs (nnU-Net)
+    batch_dice: bool = True  # soft Dice of the loss summed over the whole batch (nnU-Net) or taken per patch and averaged (MONAI's DiceCELoss)
     # optimisation
     recipe: str = "default"  # default (the settings below: AdamW, warm-up, cosine, lr planned from the budget) or nnunet (SGD lr 0.01, Nesterov momentum 0.99, poly schedule, as nnU-Net); explicit flags override either
     optimizer: str = "adamw"  # adamw (learns in hundreds of steps; measured on real MRI in the README) or sgd (Nesterov, nnU-Net)
@@ -367,7 +368,7 @@ def main(argv: list[str]) -> dict:
                  norm=norm, upsample=config.upsample, deep_supervision=config.deep_supervision,
                  strides=config.strides, kernel_sizes=config.kernel_sizes)
     model = model.to(device, memory_format=memory_format)
-    loss_fn = DiceCELoss(include_background=False, batch_dice=True)  # nnU-Net: CE + batch Dice
+    loss_fn = DiceCELoss(include_background=False, batch_dice=config.batch_dice)  # nnU-Net: CE + batch Dice
     if config.deep_supervision:
         loss_fn = DeepSupervisionLoss(loss_fn)
     optimizer, scheduler = build_optimizer(model.parameters(), config.optimizer, lr=config.lr,

@@ -436,3 +436,15 @@ def test_the_learning_rate_is_planned_from_the_optimizer_and_the_budget():
     assert planned(250_000) == 3e-4
     assert planned(2000, optimizer="sgd") == 0.01  # nnU-Net's, whatever the budget
     assert planned(2000, lr=0.02) == 0.02  # a given rate wins
+
+def test_the_loss_takes_dice_over_the_batch_or_per_patch_as_configured(tmp_path, cache_dir, monkeypatch):
+    made, dice_ce_loss = [], train_liver3d.DiceCELoss
+
+    def recording_loss(**settings):
+        made.append(settings["batch_dice"])
+        return dice_ce_loss(**settings)
+
+    monkeypatch.setattr(train_liver3d, "DiceCELoss", recording_loss)
+    for flags in [(), ("--batch-dice", "false")]:
+        run(tmp_path / str(len(made)), cache_dir, "--benchmark", "1", *flags)
+    assert made == [True, False]  # nnU-Net's batch Dice by default; per patch (MONAI's) on request

@@ -78,7 +78,8 @@ class Config:
     augment: Augment3DConfig = field(default_factory=Augment3DConfig)  # edit in config.json, pass --config
     # model
     base_channels: int = 32  # feature channels at full resolution, doubled each level up to max_channels
-    depth: int | None = None  # resolution levels of the U-Net, the bottleneck included; none: planned, downsampling while an axis keeps at least 4 voxels
+    depth: int | None = None  # resolution levels of the U-Net, the bottleneck included; none: planned, downsampling while an axis keeps at least 4 voxels (and see min_downsamplings)
+    min_downsamplings: int = 4  # a planned depth downsamples at least this often while an axis keeps 2 voxels (a 32^3 patch: 4 levels to 2^3, as BasicUNet; measured on real MRI in the README); 0 = nnU-Net's rule alone
     max_channels: int = 320  # cap on feature channels (nnU-Net's 320 for 3D)
     strides: tuple[tuple[int, ...], ...] | None = None  # per downsampling z,y,x strides, e.g. 1,2,2;2,2,2 (one entry: every level); auto: planned from the target spacing, an axis at least twice as coarse as the finest stays 1
     kernel_sizes: tuple[tuple[int, ...], ...] | None = None  # per level z,y,x kernel sizes, e.g. 1,3,3;3,3,3;3,3,3 (one entry: every level); auto: planned, 1 across an axis while it is at least twice as coarse as the finest
@@ -88,7 +89,7 @@ class Config:
     deep_supervision: bool = True  # extra losses on the coarser decoder outputs (nnU-Net)
     batch_dice: bool = True  # soft Dice of the loss summed over the whole batch (nnU-Net) or taken per patch and averaged (MONAI's DiceCELoss)
     # optimisation
-    recipe: str = "default"  # default (the settings below: AdamW, warm-up, cosine, lr planned from the budget) or nnunet (SGD lr 0.01, Nesterov momentum 0.99, poly schedule, as nnU-Net); explicit flags override either
+    recipe: str = "default"  # default (the settings below: AdamW, warm-up, cosine, lr planned from the budget) or nnunet (SGD lr 0.01, Nesterov momentum 0.99, poly schedule and nnU-Net's depth rule alone, as nnU-Net); explicit flags override either
     optimizer: str = "adamw"  # adamw (learns in hundreds of steps; measured on real MRI in the README) or sgd (Nesterov, nnU-Net)
     lr: float | None = None  # initial learning rate (after warm-up); none: planned, SGD 0.01 (nnU-Net), AdamW 3e-3 for up to 500 optimizer steps and 3e-3 x sqrt(500 / steps) beyond, at least 3e-4
     momentum: float = 0.99  # SGD only: Nesterov momentum (nnU-Net)
@@ -135,7 +136,7 @@ SYNTHETIC_PROFILE = dict(
 # Named sets of settings for --recipe; `default` is the dataclass defaults of the same fields.
 RECIPES = {
     "nnunet": dict(optimizer="sgd", lr=0.01, momentum=0.99, weight_decay=3e-5, schedule="poly", warmup_steps=0,
-                   foreground_share=0.33, foreground_sampling="per_batch"),
+                   foreground_share=0.33, foreground_sampling="per_batch", min_downsamplings=0),
 }
 
 
@@ -236,7 +237,8 @@ def plan_network(config: Config, spacing: tuple[float, ...], shape: tuple[float,
     nnU-Net does: rotating out of plane would smear the few slices into each other. The resolved
     patch, depth, strides and kernel sizes go into config.json and every checkpoint, so a resumed
     run and predict.py build the same network."""
-    fixed = dict(depth=config.depth, strides=config.strides, kernel_sizes=config.kernel_sizes)
+    fixed = dict(depth=config.depth, strides=config.strides, kernel_sizes=config.kernel_sizes,
+                 min_downsamplings=config.min_downsamplings)
     try:
         if config.patch_size is None:
             patch, topology = plan_patch(spacing, shape, batch_size=config.batch_size,

@@ -7,7 +7,10 @@ apart while seeing 4.5 mm in-plane. So, as nnU-Net plans it, an axis whose spaci
 the finest is neither downsampled (stride 1) nor convolved across (kernel 1) until downsampling the
 finer axes has brought them within a factor 2 of it; once 3, a kernel stays 3. An axis also stops being
 downsampled when its feature map would shrink below `MIN_FEATURE_SIZE` voxels, and the network ends
-when no axis can be downsampled any more.
+when no axis can be downsampled any more. That is nnU-Net's rule; a recipe may ask for at least
+`min_downsamplings` levels of downsampling, and a small patch is then halved further while an axis
+keeps `SMALLEST_FEATURE_SIZE` voxels (a 32^3 patch: four halvings down to 2^3, as MONAI's BasicUNet,
+where nnU-Net's rule stops at 4^3 after three).
 
     topology = plan_topology((10.0, 1.5, 1.5), (10, 256, 224))
     topology.strides[:3]       # ((1, 2, 2), (1, 2, 2), (2, 2, 2))
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MIN_FEATURE_SIZE = 4  # voxels an axis keeps at least at the bottleneck (nnU-Net's 4)
+SMALLEST_FEATURE_SIZE = 2  # ... or this many, for the downsamplings a recipe asks for beyond that rule
 ANISOTROPY_LIMIT = 2.0  # an axis this many times coarser than the finest is neither pooled nor convolved across
 
 
@@ -49,7 +53,7 @@ class UNetTopology:
 
 
 def plan_topology(spacing: Sequence[float], patch: Sequence[int], *, depth: int | None = None,
-                  min_feature_size: int = MIN_FEATURE_SIZE) -> UNetTopology:
+                  min_feature_size: int = MIN_FEATURE_SIZE, min_downsamplings: int = 0) -> UNetTopology:
     """Strides and kernel sizes for a patch of `patch` voxels of `spacing` mm.
 
     Args:
@@ -59,6 +63,8 @@ def plan_topology(spacing: Sequence[float], patch: Sequence[int], *, depth: int 
             `min_feature_size` voxels (at least one downsampling). Given, the network stops there, and
             if every axis is already small the spacing rule alone picks the axes of the remaining levels.
         min_feature_size: the fewest voxels an axis may be downsampled to.
+        min_downsamplings: planned depth only: while fewer downsamplings than this are planned, an
+            axis may also be downsampled to `SMALLEST_FEATURE_SIZE` voxels (0: nnU-Net's rule alone).
 
     Returns:
         the topology; `depth` levels when given.
@@ -78,6 +84,8 @@ def plan_topology(spacing: Sequence[float], patch: Sequence[int], *, depth: int 
         if depth is not None and len(kernel_sizes) == depth:
             break
         stride = next_stride(level_spacing, sizes, min_feature_size, required=depth is not None or not strides)
+        if stride is None and len(strides) < min_downsamplings:
+            stride = next_stride(level_spacing, sizes, SMALLEST_FEATURE_SIZE, required=False)
         if stride is None:
             break
         strides.append(stride)
@@ -103,8 +111,10 @@ def next_stride(spacing: list[float], sizes: list[int], min_feature_size: int,
 
 def resolve_topology(spacing: Sequence[float], patch: Sequence[int], *, depth: int | None = None,
                      strides: Sequence[Sequence[int]] | None = None,
-                     kernel_sizes: Sequence[Sequence[int]] | None = None) -> UNetTopology:
-    """The topology with whatever was given explicitly, the rest planned by `plan_topology`.
+                     kernel_sizes: Sequence[Sequence[int]] | None = None,
+                     min_downsamplings: int = 0) -> UNetTopology:
+    """The topology with whatever was given explicitly, the rest planned by `plan_topology` (with
+    `min_downsamplings`).
 
     Several `strides` (`kernel_sizes`) fix the depth at their number + 1 (their number); a single one
     is repeated for every downsampling (level), like `--patch-size 128` for every axis.
@@ -116,7 +126,7 @@ def resolve_topology(spacing: Sequence[float], patch: Sequence[int], *, depth: i
                 raise ValueError(f"{len(values)} {name} make {len(values) + levels_more} levels, not {fixed_depth}: "
                                  f"give one entry per {'downsampling' if levels_more else 'level'} or leave one out")
             fixed_depth = len(values) + levels_more
-    planned = plan_topology(spacing, patch, depth=fixed_depth)
+    planned = plan_topology(spacing, patch, depth=fixed_depth, min_downsamplings=min_downsamplings)
     return UNetTopology(
         strides=repeat_per_level("strides", strides, planned.depth - 1, len(spacing)) or planned.strides,
         kernel_sizes=repeat_per_level("kernel_sizes", kernel_sizes, planned.depth, len(spacing))
@@ -165,7 +175,8 @@ DEFAULT_MEMORY_BUDGET = activation_memory((128, 128, 128), plan_topology((1.0, 1
 def plan_patch(spacing: Sequence[float], median_shape: Sequence[float], *, batch_size: int, base_channels: int,
                max_channels: int, depth: int | None = None, strides: Sequence[Sequence[int]] | None = None,
                kernel_sizes: Sequence[Sequence[int]] | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-               min_feature_size: int = MIN_FEATURE_SIZE) -> tuple[tuple[int, ...], UNetTopology]:
+               min_feature_size: int = MIN_FEATURE_SIZE, min_downsamplings: int = 0
+               ) -> tuple[tuple[int, ...], UNetTopology]:
     """The largest patch up to the median shape whose training step fits `memory_budget`.
 
     Starts from the median shape rounded up to its topology's total downsampling (a patch never
@@ -179,13 +190,15 @@ def plan_patch(spacing: Sequence[float], median_shape: Sequence[float], *, batch
         median_shape: the median shape of the preprocessed cases, per axis.
         batch_size, base_channels, max_channels: as the network trains them (see activation_memory).
         depth, strides, kernel_sizes: what is fixed of the topology (see resolve_topology); None: planned.
+        min_downsamplings: passed to the planner (see plan_topology).
 
     Returns:
         (patch, the topology for it); the patch is divisible by the topology's downsampling.
     """
     patch = [max(1, round(size)) for size in median_shape]
     while True:
-        topology = resolve_topology(spacing, patch, depth=depth, strides=strides, kernel_sizes=kernel_sizes)
+        topology = resolve_topology(spacing, patch, depth=depth, strides=strides, kernel_sizes=kernel_sizes,
+                                    min_downsamplings=min_downsamplings)
         factors = topology.downsampling
         patch = [math.ceil(size / factor) * factor for size, factor in zip(patch, factors)]
         memory = activation_memory(patch, topology, batch_size=batch_size, base_channels=base_channels,

@@ -351,10 +351,12 @@ def test_a_thick_slice_run_plans_its_network_and_predict_rebuilds_it(tmp_path):
                         str(tmp_path / "run"), "--base-channels", "4", "--epochs", "1", "--steps-per-epoch", "1",
                         "--workers", "0", "--val-fraction", "0.34"])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    # 18 -> 9 -> 5 and 20 -> 10 -> 5 in plane (1.5 -> 3 -> 6 mm); the 5 slices of 6 mm stay.
-    assert config["patch_size"] == [5, 20, 20] and config["depth"] == 3
-    assert config["strides"] == [[1, 2, 2], [1, 2, 2]]
-    assert config["kernel_sizes"] == [[1, 3, 3], [1, 3, 3], [3, 3, 3]]
+    # In plane 1.5 -> 3 -> 6 mm while the 5 slices of 6 mm stay; then, to a third downsampling of the
+    # four asked for, every axis (now all 6 mm) halves once more while it keeps 2 voxels, and the patch
+    # is the median shape rounded up to that: 5 -> 6 slices, 18 and 20 -> 24 pixels.
+    assert config["patch_size"] == [6, 24, 24] and config["depth"] == 4
+    assert config["strides"] == [[1, 2, 2], [1, 2, 2], [2, 2, 2]]
+    assert config["kernel_sizes"] == [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3]]
     assert config["augment"]["rotation_in_plane_only"] is True
     checkpoint = tmp_path / "run" / "best.pt"
     assert json.loads(json.dumps(load_checkpoint(checkpoint)["config"])) == config

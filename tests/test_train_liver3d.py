@@ -437,6 +437,7 @@ def test_the_learning_rate_is_planned_from_the_optimizer_and_the_budget():
     assert planned(2000, optimizer="sgd") == 0.01  # nnU-Net's, whatever the budget
     assert planned(2000, lr=0.02) == 0.02  # a given rate wins
 
+
 def test_the_loss_takes_dice_over_the_batch_or_per_patch_as_configured(tmp_path, cache_dir, monkeypatch):
     made, dice_ce_loss = [], train_liver3d.DiceCELoss
 
@@ -448,3 +449,16 @@ def test_the_loss_takes_dice_over_the_batch_or_per_patch_as_configured(tmp_path,
     for flags in [(), ("--batch-dice", "false")]:
         run(tmp_path / str(len(made)), cache_dir, "--benchmark", "1", *flags)
     assert made == [True, False]  # nnU-Net's batch Dice by default; per patch (MONAI's) on request
+
+
+def test_a_small_patch_is_planned_four_downsamplings_deep_unless_the_recipe_is_nnunets():
+    from engine.config import parse_config
+
+    # LA2018 at 1.25 mm with the 32^3 patch of the README's CPU runs (measured there: depth 5 ends higher).
+    config = plan((1.25, 1.25, 1.25), (44.0, 72.0, 96.0), patch_size=(32, 32, 32))
+    assert config.depth == 5 and config.strides == ((2, 2, 2),) * 4
+    nnunet, _ = parse_config(train_liver3d.Config, ["--data-dir", "/data/Task28", "--recipe", "nnunet"], "",
+                             train_liver3d.SYNTHETIC_PROFILE, recipes=train_liver3d.RECIPES)
+    config = plan((1.25, 1.25, 1.25), (44.0, 72.0, 96.0), patch_size=(32, 32, 32),
+                  min_downsamplings=nnunet.min_downsamplings)
+    assert config.depth == 4 and config.strides == ((2, 2, 2),) * 3  # nnU-Net's rule: no axis below 4 voxels

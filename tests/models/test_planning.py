@@ -133,3 +133,18 @@ def test_a_given_depth_or_strides_shape_the_planned_patch():
     patch, topology = plan_patch(ISOTROPIC, (7, 30, 30), batch_size=2, base_channels=32, max_channels=320,
                                  strides=((1, 2, 2), (1, 2, 2)))
     assert patch == (7, 32, 32) and topology.downsampling == (1, 4, 4)
+
+
+def test_a_recipe_can_ask_a_small_patch_for_more_downsamplings_down_to_2_voxels():
+    # nnU-Net's rule stops a 32^3 patch at 4^3 after three halvings; asked for four, it goes on to 2^3.
+    assert plan_topology(ISOTROPIC, (32, 32, 32)).strides == ((2, 2, 2),) * 3
+    assert plan_topology(ISOTROPIC, (32, 32, 32), min_downsamplings=4).strides == ((2, 2, 2),) * 4
+    # Only while an axis keeps 2 voxels: 12 -> 6 (nnU-Net stops) -> 3, and no further.
+    assert plan_topology(ISOTROPIC, (12, 12, 12), min_downsamplings=4).strides == ((2, 2, 2),) * 2
+    # A network that downsamples often enough already is planned as nnU-Net plans it (ACDC's patch).
+    for spacing, patch in [(THICK_SLICES, (10, 64, 64)), (ISOTROPIC, (128, 128, 128)), (ISOTROPIC, (3, 5, 4))]:
+        assert plan_topology(spacing, patch, min_downsamplings=4) == plan_topology(spacing, patch)
+    # The planned patch is divisible by the deeper network's downsampling.
+    patch, topology = plan_patch(ISOTROPIC, (30, 30, 30), batch_size=2, base_channels=32, max_channels=320,
+                                 min_downsamplings=4)
+    assert patch == (32, 32, 32) and topology.downsampling == (16, 16, 16)

@@ -45,7 +45,8 @@ class Variant:
 
 # The runs compared: the flags that make each one, in one place. nnU-Net's optimisation is SGD at lr 0.01
 # with Nesterov momentum 0.99 and the poly schedule, a third of the samples on foreground (in 3D
-# train_liver3d.py's `--recipe nnunet`; in 2D, a third of the slices showing it).
+# train_liver3d.py's `--recipe nnunet`, which also keeps nnU-Net's depth rule; in 2D, a third of the
+# slices showing it).
 NNUNET_2D = ("--optimizer", "sgd", "--lr", "0.01", "--momentum", "0.99", "--schedule", "poly")
 VARIANTS = {
     3: {

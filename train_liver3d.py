@@ -433,17 +433,19 @@ def main(argv: list[str]) -> dict:
             save_checkpoint(checkpoint_state(epoch), out / "last.pt")
         logger.record(record)
 
-    # Final validation of the last weights: every case whole, with surface metrics, predictions written.
-    # The other processes leave the process group first, so none waits at a collective meanwhile.
+    # Final validation of the last weights, by rank 0 alone: every case whole, with surface metrics,
+    # predictions written. The other processes wait for it at cleanup_distributed's barrier (within
+    # TIMEOUT), so all leave the process group together once the results are on disk.
+    scores = {}
+    if rank == 0:
+        validation = validate(model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
+                              config=config, device=device, amp_dtype=amp_dtype, logger=logger,
+                              epoch=config.epochs - 1, save_dir=out / "predictions")
+        write_metrics(validation, dataset.labels, out)
+        logger.close()
+        scores = validation["scores"]
     cleanup_distributed()
-    if rank > 0:
-        return {}
-    validation = validate(model, entry, val_ids, labels=dataset.labels, spacing=plan.target_spacing,
-                          config=config, device=device, amp_dtype=amp_dtype, logger=logger,
-                          epoch=config.epochs - 1, save_dir=out / "predictions")
-    write_metrics(validation, dataset.labels, out)
-    logger.close()
-    return validation["scores"]
+    return scores
 
 
 if __name__ == "__main__":

@@ -205,16 +205,17 @@ def main(argv: list[str]) -> dict:
             save_checkpoint(checkpoint_state(epoch), out / "last.pt")
         logger.record(record)
 
-    # The last epoch's validation, its predictions written, becomes metrics.json and dice_per_case.csv.
-    if rank > 0:  # rank 0 writes the results
-        cleanup_distributed()
-        return {}
-    if validation is None:  # resumed after the last epoch: nothing left to train, validate once
-        validation = validate(config.epochs - 1, save_dir=out / "predictions")
-    write_metrics(validation, dataset.labels, out)
-    logger.close()
+    # The last epoch's validation, its predictions written, becomes metrics.json and dice_per_case.csv,
+    # written by rank 0 while the other processes wait at cleanup_distributed's barrier.
+    scores = {}
+    if rank == 0:
+        if validation is None:  # resumed after the last epoch: nothing left to train, validate once
+            validation = validate(config.epochs - 1, save_dir=out / "predictions")
+        write_metrics(validation, dataset.labels, out)
+        logger.close()
+        scores = validation["scores"]
     cleanup_distributed()
-    return validation["scores"]
+    return scores
 
 
 if __name__ == "__main__":

@@ -313,25 +313,25 @@ def main(argv: list[str]) -> dict:
             save_checkpoint(checkpoint_state(epoch, threshold), out / "last.pt")
         logger.record(record)
 
-    if rank > 0:  # rank 0 writes the results
-        cleanup_distributed()
-        return {}
-    if validation is None:  # resumed after the last epoch: nothing left to train, validate once
-        validation = validate(model, val_loader, device=device, amp_dtype=amp_dtype, logger=logger,
-                              epoch=config.epochs - 1)
-    metrics = dict(validation["metrics"])
-    cam_scores, overlays = score_activation_maps(model, val_data, validation, patients=patients, images=images,
-                                                 source_shapes=source_shapes, config=config, device=device)
-    metrics.update(cam_scores)
-    # The results first: the pictures below are optional, and none of them may cost the run its metrics.
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    for suffix, films in (("", "positive films"), ("_detected", "detected positives")):
-        if "cam_in_box" + suffix in metrics:  # no detected positive: no "_detected" scores
-            logger.info(f"{films}: CAM mass inside the boxes {metrics['cam_in_box' + suffix]:.3f}, CAM peak "
-                        f"inside a box for {metrics['cam_peak_in_box' + suffix]:.3f} of them (boxes cover "
-                        f"{metrics['box_area_fraction' + suffix]:.3f} of the image)")
-    draw_activation_maps(overlays, out, logger)
-    logger.close()
+    # The results, by rank 0 while the other processes wait at cleanup_distributed's barrier.
+    metrics = {}
+    if rank == 0:
+        if validation is None:  # resumed after the last epoch: nothing left to train, validate once
+            validation = validate(model, val_loader, device=device, amp_dtype=amp_dtype, logger=logger,
+                                  epoch=config.epochs - 1)
+        metrics = dict(validation["metrics"])
+        cam_scores, overlays = score_activation_maps(model, val_data, validation, patients=patients, images=images,
+                                                     source_shapes=source_shapes, config=config, device=device)
+        metrics.update(cam_scores)
+        # The results first: the pictures below are optional, and none of them may cost the run its metrics.
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        for suffix, films in (("", "positive films"), ("_detected", "detected positives")):
+            if "cam_in_box" + suffix in metrics:  # no detected positive: no "_detected" scores
+                logger.info(f"{films}: CAM mass inside the boxes {metrics['cam_in_box' + suffix]:.3f}, CAM peak "
+                            f"inside a box for {metrics['cam_peak_in_box' + suffix]:.3f} of them (boxes cover "
+                            f"{metrics['box_area_fraction' + suffix]:.3f} of the image)")
+        draw_activation_maps(overlays, out, logger)
+        logger.close()
     cleanup_distributed()
     return metrics
 

@@ -19,8 +19,9 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-# Rank 0 validates while the others wait at the next gradient all-reduce; a whole-volume validation of
-# a large task takes far longer than the default 10-30 minute collective timeout.
+# Rank 0 validates while the others wait at the next gradient all-reduce (or, after the last epoch, at
+# cleanup_distributed's barrier); a whole-volume validation of a large task takes far longer than the
+# default 10-30 minute collective timeout.
 TIMEOUT = datetime.timedelta(hours=3)
 
 
@@ -88,5 +89,11 @@ def main_process_first():
 
 
 def cleanup_distributed() -> None:
+    """The end of a run: every process waits here for all the others, then all leave the process
+    group together. Called by every rank after rank 0 has written its results, so no process leaves
+    (and exits) while rank 0 still works: torchrun stops the whole group as soon as one process exits
+    with an error, and a process that fails on its way out would otherwise cost rank 0 its final
+    validation, metrics.json and predictions."""
     if dist.is_available() and dist.is_initialized():
+        barrier()
         dist.destroy_process_group()

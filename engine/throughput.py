@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from engine.distributed import is_main_process
+from engine.distributed import cleanup_distributed, is_main_process
 from engine.logging import RunLogger
 from engine.train import train_one_epoch
 
@@ -54,7 +54,8 @@ def benchmark_training(model, loader, sampler, loss_fn, optimizer, *, steps: int
                        device: torch.device, amp_dtype: torch.dtype | None, grad_clip: float | None,
                        memory_format, out: Path, logger: RunLogger) -> dict:
     """Time one warm-up step, then ``steps`` training steps; log the figures and write
-    ``out/benchmark.json``.
+    ``out/benchmark.json``. The run ends here: under torchrun every process then leaves the process
+    group (`cleanup_distributed`), as after training, rather than exiting inside it.
 
     Returns:
         ``steps``, ``first_step_s``, ``steps_per_s``, ``samples_per_s``, ``data_wait_fraction``,
@@ -86,4 +87,5 @@ def benchmark_training(model, loader, sampler, loss_fn, optimizer, *, steps: int
         f"{results['samples_per_s']:.2f} samples/s, data wait {100 * results['data_wait_fraction']:.1f}%, "
         f"first step (compile, workers) {results['first_step_s']:.1f} s, peak RSS {results['peak_rss_mb']:.0f} MB"
         + (f", CUDA max allocated {results['cuda_max_allocated_mb']:.0f} MB" if device.type == "cuda" else ""))
+    cleanup_distributed()
     return results

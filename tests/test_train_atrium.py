@@ -100,8 +100,8 @@ def test_compiled_training_traces_no_graph_after_its_first_epoch(tmp_path, cache
 def test_torchrun_two_cpu_processes_share_the_epoch_and_rank_zero_alone_writes(tmp_path, cache_dir):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "train_atrium.py", *TINY, "--device", "cpu", "--epochs", "2", "--cache-dir", str(cache_dir),
-               "--out", str(out)]
+               "tests/torchrun_recipe.py", "train_atrium", *TINY, "--device", "cpu",
+               "--epochs", "2", "--cache-dir", str(cache_dir), "--out", str(out)]
     finished = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, check=False)
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -109,6 +109,7 @@ def test_torchrun_two_cpu_processes_share_the_epoch_and_rank_zero_alone_writes(t
     assert [r["epoch"] for r in log] == [0, 1]  # one process logged
     assert all(r["steps"] == 1 for r in log)  # 8 slices per epoch = 2 processes x 1 batch of 4
     assert 0 <= json.loads((out / "metrics.json").read_text())["dice"] <= 1
+    assert (tmp_path / "rank1_found_metrics").read_text() == "True"  # rank 1 left after rank 0 wrote them
 
 
 def test_several_classes_train_with_cross_entropy_plus_dice_by_default():

@@ -243,8 +243,9 @@ def test_torchrun_three_cpu_processes_step_together_and_rank_zero_alone_writes(t
     # 4 batches an epoch over 3 processes: each takes 2 whole batches, so all step and stay in lockstep.
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
-               __file__, *TINY, "--device", "cpu", "--epochs", "2", "--cache-dir", str(cache_dir), "--out", str(out)]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK_WEIGHTS_DIR": str(tmp_path)}
+               "tests/torchrun_recipe.py", "train_liver3d", *TINY, "--device", "cpu", "--epochs", "2",
+               "--cache-dir", str(cache_dir), "--out", str(out)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "RANK_WEIGHTS_DIR": str(tmp_path)}
     finished = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600,
                               check=False)
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -270,6 +271,8 @@ def test_torchrun_three_cpu_processes_step_together_and_rank_zero_alone_writes(t
     assert all(0 <= r["pseudo_dice_mean"] <= 1 for r in read_log(out))
     assert finished.stdout.count("pseudo-Dice over") == 2
     assert (out / "dice_per_case.csv").is_file() and list((out / "predictions").glob("*.nii.gz"))
+    # Ranks 1 and 2 waited for those results before leaving the process group.
+    assert [(tmp_path / f"rank{rank}_found_metrics").read_text() for rank in (1, 2)] == ["True", "True"]
 
 
 def test_final_validation_mirrors_only_along_the_axes_training_flipped(tmp_path, monkeypatch):
@@ -359,26 +362,6 @@ def test_explicit_geometry_wins_over_the_plan():
     assert plan((1.0, 1.0, 1.0), (64.0, 64.0, 64.0), kernel_sizes=((1, 3, 3), (3, 3, 3))).depth == 2
     with pytest.raises(SystemExit, match="2 strides make 3 levels, not 4.*--depth"):
         plan((1.0, 1.0, 1.0), (64.0, 64.0, 64.0), strides=((2, 2, 2), (2, 2, 2)), depth=4)
-
-
-def train_keeping_each_rank_weights(argv: list[str]) -> None:
-    """A torchrun process of the test above: the recipe, with this rank's weights written to
-    RANK_WEIGHTS_DIR after every epoch."""
-    train_one_epoch, epochs = train_liver3d.train_one_epoch, []
-
-    def train_and_keep_weights(model, *args, **kwargs):
-        stats = train_one_epoch(model, *args, **kwargs)
-        path = Path(os.environ["RANK_WEIGHTS_DIR"]) / f"rank{os.environ['RANK']}_epoch{len(epochs)}.pt"
-        torch.save(model.state_dict(), path)
-        epochs.append(stats)
-        return stats
-
-    train_liver3d.train_one_epoch = train_and_keep_weights
-    train_liver3d.main(argv)
-
-
-if __name__ == "__main__":
-    train_keeping_each_rank_weights(sys.argv[1:])
 
 
 def write_pieces_task(root: Path, second_piece_in: set[str]) -> Path:

@@ -140,10 +140,11 @@ def test_compiled_training_traces_no_graph_after_its_first_epoch(tmp_path, cache
 def test_torchrun_two_cpu_processes_train_with_batch_norm_and_rank_zero_alone_writes(tmp_path, cache_dir):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "train_pneumonia.py", *TINY, "--device", "cpu", "--epochs", "1", "--cache-dir", str(cache_dir),
-               "--out", str(out)]
+               "tests/torchrun_recipe.py", "train_pneumonia", *TINY, "--device", "cpu",
+               "--epochs", "1", "--cache-dir", str(cache_dir), "--out", str(out)]
     finished = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, check=False)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
     assert np.isfinite(json.loads((out / "metrics.json").read_text())["auc"])
+    assert (tmp_path / "rank1_found_metrics").read_text() == "True"  # rank 1 left after rank 0 wrote them

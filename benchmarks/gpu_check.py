@@ -70,6 +70,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -738,11 +739,11 @@ def run_isolated(context: PartContext, budget_s: float, log_path: Path) -> dict:
     sys.stdout.flush()
     sys.stderr.flush()
     process = multiprocessing.get_context("fork").Process(target=part_in_own_process, args=(context, log_path))
-    process.start()
     try:
-        process.join(budget_s)
+        process.start()
+        wait_for_part(process, budget_s)
     finally:  # also on Ctrl-C: the part runs in a session of its own, which the terminal's signal misses
-        timed_out = process.is_alive()
+        timed_out = process.is_alive()  # False when start() was interrupted before the fork
         if timed_out:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
@@ -754,6 +755,16 @@ def run_isolated(context: PartContext, budget_s: float, log_path: Path) -> dict:
     elif "status" not in result:
         result.update(status="failed", error=f"the part's process died with exit code {process.exitcode}")
     return result
+
+
+def wait_for_part(process: multiprocessing.Process, budget_s: float) -> None:
+    """Join ``process`` for at most ``budget_s``, a second at a time: a SIGTERM whose KeyboardInterrupt
+    was lost (raised in code that cannot raise, such as fork's at-fork callbacks) still ends the wait."""
+    deadline = time.monotonic() + budget_s
+    while process.is_alive() and time.monotonic() < deadline:
+        process.join(min(1.0, max(deadline - time.monotonic(), 0.0)))
+        if terminated.is_set():
+            raise KeyboardInterrupt("SIGTERM")
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -803,6 +814,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.monotonic()
     # A SIGTERM (a job's time limit) ends the check as Ctrl-C does: the running part is stopped with
     # every process it started, and what was measured so far is written.
+    terminated.clear()
     previous_handler = signal.signal(signal.SIGTERM, interrupt)
     try:
         run_parts([name for name in PARTS if name in names], results, out=out, cache_dir=cache_dir, device=device,
@@ -817,7 +829,13 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+# Set by a SIGTERM, for wait_for_part: the handler's KeyboardInterrupt is lost when the signal lands
+# in code that cannot raise.
+terminated = threading.Event()
+
+
 def interrupt(signal_number, frame) -> None:
+    terminated.set()
     raise KeyboardInterrupt(f"signal {signal_number}")
 
 

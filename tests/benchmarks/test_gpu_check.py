@@ -131,3 +131,24 @@ def test_sigterm_stops_the_running_part_and_writes_what_was_measured(tmp_path, m
         os.kill(parts["stopped"]["pid"], 0)
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| stopped part | status | interrupted: Ctrl-C or SIGTERM | ok | no |" in table
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="parts run in forked processes")
+def test_a_sigterm_whose_interrupt_was_lost_still_ends_the_wait_for_a_part():
+    # A SIGTERM landing in fork's at-fork callbacks raises where Python can only print and ignore the
+    # KeyboardInterrupt; the handler's flag must still stop the wait long before the part's budget.
+    import threading
+
+    part = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    part.start()
+    gpu_check.terminated.clear()
+    threading.Timer(0.5, gpu_check.terminated.set).start()  # the flag alone, as when the raise was lost
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            gpu_check.wait_for_part(part, budget_s=60)
+        assert time.monotonic() - started < 10
+    finally:
+        gpu_check.terminated.clear()
+        part.kill()
+        part.join()
